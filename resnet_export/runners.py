@@ -1,0 +1,58 @@
+"""One Runner interface for every backend: ``name`` and ``infer(batch) -> logits`` on numpy arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import OnnxError, first_line
+from .models import run_forward
+
+
+class Runner(Protocol):
+    """Anything that turns a preprocessed ``(N, C, H, W)`` float32 batch into ``(N, classes)`` logits."""
+
+    name: str
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRunner:
+    """PyTorch eager on the CPU, FP32."""
+
+    def __init__(self, module: nn.Module, name: str = "torch"):
+        self.module = module.eval()
+        self.name = name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return run_forward(self.module, torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
+
+
+class OrtRunner:
+    """An ONNX file (or serialized model bytes) on ONNX Runtime (CPU provider unless told otherwise)."""
+
+    def __init__(self, path: str | Path | bytes, providers=("CPUExecutionProvider",), threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            model = path if isinstance(path, bytes) else str(path)
+            self.session = ort.InferenceSession(model, options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            what = "the model" if isinstance(path, bytes) else path
+            raise OnnxError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        #: The batch size the model was exported for, or None for a dynamic batch axis.
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        self.name = "ort" if isinstance(path, bytes) else f"ort:{Path(path).name}"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

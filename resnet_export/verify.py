@@ -1,0 +1,155 @@
+"""Compare a runner with the PyTorch reference: metrics and pass/fail gates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import Inputs
+from .runners import Runner
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Thresholds a candidate must meet against the reference (None: not gated)."""
+
+    min_top1_agreement: float
+    min_cosine: float | None = None
+    max_accuracy_drop: float | None = None  # in points, only checked when labels exist
+
+
+GATES = {
+    "fp32": Gate(min_top1_agreement=1.0, min_cosine=0.99999),
+    "fp16": Gate(min_top1_agreement=0.99, min_cosine=0.999),
+    "int8": Gate(min_top1_agreement=0.97, max_accuracy_drop=1.0),
+}
+
+
+@dataclass
+class Verification:
+    """The metrics of one comparison and the gate failures (empty when it passed)."""
+
+    metrics: dict
+    gate: Gate
+    failures: list[str] = field(default_factory=list)
+    inputs: str = ""
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "failures": self.failures,
+            "gate": self.gate.__dict__,
+            "inputs": self.inputs,
+            "batch_sizes": self.batch_sizes,
+            "metrics": self.metrics,
+        }
+
+    def summary(self) -> str:
+        m = self.metrics
+        text = (
+            f"top-1 agreement {m['top1_agreement']:.1%}, top-5 {m['top5_agreement']:.1%}, "
+            f"min cosine {m['min_cosine']:.7f}, max abs err {m['max_abs_err']:.3g} "
+            f"(rel {m['max_rel_err']:.3g})"
+        )
+        if "accuracy_candidate" in m:
+            text += f", accuracy {m['accuracy_candidate']:.1%} (reference {m['accuracy_reference']:.1%})"
+        return text
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Metrics of ``candidate`` logits against ``reference`` logits, both ``(N, classes)``."""
+    reference = reference.astype(np.float64)
+    candidate = candidate.astype(np.float64)
+    diff = np.abs(reference - candidate)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    cosine = (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30)
+    k = min(5, reference.shape[1])
+    top_ref = np.argsort(-reference, axis=1)[:, :k]
+    top_cand = np.argsort(-candidate, axis=1)[:, :k]
+    p, q = _softmax(reference), _softmax(candidate)
+    kl = (p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(axis=1)
+    metrics = {
+        "samples": int(reference.shape[0]),
+        "max_abs_err": float(diff.max()),
+        "mean_abs_err": float(diff.mean()),
+        "max_rel_err": float(diff.max() / max(np.abs(reference).max(), 1e-30)),
+        "min_cosine": float(cosine.min()),
+        "top1_agreement": float((top_ref[:, 0] == top_cand[:, 0]).mean()),
+        "top5_agreement": float(np.mean([set(a) == set(b) for a, b in zip(top_ref, top_cand)])),
+        "kl_divergence": float(kl.mean()),
+    }
+    if labels is not None:
+        metrics["accuracy_reference"] = float((top_ref[:, 0] == labels).mean())
+        metrics["accuracy_candidate"] = float((top_cand[:, 0] == labels).mean())
+        metrics["accuracy_drop_points"] = 100 * (metrics["accuracy_reference"] - metrics["accuracy_candidate"])
+    return metrics
+
+
+def gate_failures(metrics: dict, gate: Gate) -> list[str]:
+    """Which thresholds of ``gate`` the metrics miss, each as a readable phrase."""
+    failures = []
+    if metrics["top1_agreement"] < gate.min_top1_agreement:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.2%} < {gate.min_top1_agreement:.2%}")
+    if gate.min_cosine is not None and metrics["min_cosine"] < gate.min_cosine:
+        failures.append(f"min cosine {metrics['min_cosine']:.6f} < {gate.min_cosine}")
+    drop = metrics.get("accuracy_drop_points")
+    if gate.max_accuracy_drop is not None and drop is not None and drop > gate.max_accuracy_drop:
+        failures.append(f"accuracy drop {drop:.2f} points > {gate.max_accuracy_drop}")
+    return failures
+
+
+def batch_plan(count: int, fixed_batch: int | None, max_batch: int = 8) -> list[int]:
+    """Batch sizes covering ``count`` samples: batch 1 first, then batches > 1 (the dynamic axis).
+
+    Two samples run as one batch of 2. A model with a fixed batch runs batches of exactly that size
+    (the last one padded).
+    """
+    if fixed_batch:
+        return [fixed_batch] * -(-count // fixed_batch)
+    if count <= 2:
+        return [count]
+    rest = count - 1
+    sizes = [1] + [max_batch] * (rest // max_batch) + ([rest % max_batch] if rest % max_batch else [])
+    if sizes[-1] == 1 and len(sizes) > 2:  # keep every batch after the first larger than 1
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
+
+
+def run_batches(runner: Runner, array: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Run ``array`` through ``runner`` in batches of ``sizes``; pads a short last batch by repetition."""
+    outputs, start = [], 0
+    for size in sizes:
+        chunk = array[start:start + size]
+        real = len(chunk)
+        if real < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
+        outputs.append(runner.infer(chunk)[:real])
+        start += real
+    return np.concatenate(outputs)
+
+
+def verify(
+    reference: Runner,
+    candidate: Runner,
+    inputs: Inputs,
+    gate: Gate,
+    fixed_batch: int | None = None,
+) -> Verification:
+    """Run both runners on the same inputs, compute the metrics and check them against ``gate``."""
+    sizes = batch_plan(len(inputs.array), fixed_batch)
+    ref = run_batches(reference, inputs.array, sizes)
+    cand = run_batches(candidate, inputs.array, sizes)
+    metrics = compare(ref, cand, inputs.labels)
+    return Verification(metrics, gate, gate_failures(metrics, gate), inputs.description, sizes)

@@ -1,0 +1,54 @@
+"""Shared fixtures: real images, small real models with trained-looking BatchNorm statistics."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_export.models import LoadedModel, load_model
+
+TESTS = Path(__file__).parent
+IMAGES = TESTS / "data" / "images"
+USER_MODELS = TESTS / "user_models.py"
+SMALL = (64, 64)
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model
+
+
+def loaded(**kwargs) -> LoadedModel:
+    """load_model with trained-looking BatchNorm statistics."""
+    model = load_model(**kwargs)
+    randomize_batchnorm(model.module)
+    return model
+
+
+@pytest.fixture(scope="session")
+def images() -> Path:
+    return IMAGES
+
+
+@pytest.fixture(scope="session")
+def resnet18_small() -> LoadedModel:
+    return loaded(arch="resnet18", num_classes=10, input_size=SMALL)
+
+
+@pytest.fixture(scope="session")
+def resnet18_onnx(tmp_path_factory, resnet18_small):
+    """A verified resnet18 FP32 ONNX at 64x64, exported once for the session."""
+    from resnet_export.pipeline import onnx_from_model
+
+    path = tmp_path_factory.mktemp("resnet18") / "resnet18.onnx"
+    return onnx_from_model(resnet18_small, path, images=IMAGES)
