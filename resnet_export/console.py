@@ -17,7 +17,7 @@ def step(text: str) -> Iterator[None]:
     start = time.perf_counter()
     with console.status(text + " ..."):
         yield
-    console.print(f"{text} done ({time.perf_counter() - start:.1f} s)")
+    console.print(f"{text} done ({time.perf_counter() - start:.1f} s)", soft_wrap=True)
 
 
 def warn(text: str) -> None:

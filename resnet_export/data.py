@@ -24,11 +24,22 @@ class DataError(ResnetExportError):
 
 @dataclass
 class Inputs:
-    """Preprocessed inputs ``(N, C, H, W)`` float32, labels when known, and where they came from."""
+    """Preprocessed inputs ``(N, C, H, W)`` float32, labels when known, and where they came from.
+
+    ``labels_by_order`` marks labels taken from the sorted folder order (the ImageFolder convention),
+    which only mean something for a model with exactly that many classes.
+    """
 
     array: np.ndarray
     labels: np.ndarray | None
     description: str
+    labels_by_order: bool = False
+
+    def labels_for(self, num_classes: int) -> np.ndarray | None:
+        """The labels, or None where they cannot be the classes of a ``num_classes`` model."""
+        if self.labels is None or (self.labels_by_order and self.labels.max() + 1 != num_classes):
+            return None
+        return self.labels if self.labels.max() < num_classes else None
 
 
 def find_images(directory: str | Path) -> tuple[list[Path], list[str] | None]:
@@ -48,13 +59,16 @@ def find_images(directory: str | Path) -> tuple[list[Path], list[str] | None]:
     return paths, classes
 
 
-def class_indices(classes: list[str], class_names: list[str] | None) -> dict[str, int]:
-    """Map folder names to output indices: by the model's class names, by number, else sorted order."""
+def class_indices(classes: list[str], class_names: list[str] | None) -> tuple[dict[str, int], bool]:
+    """Map folder names to output indices: by the model's class names, by number, else sorted order.
+
+    The flag says whether the sorted order was used.
+    """
     if class_names and all(c in class_names for c in classes):
-        return {c: class_names.index(c) for c in classes}
+        return {c: class_names.index(c) for c in classes}, False
     if all(c.isdigit() for c in classes):
-        return {c: int(c) for c in classes}
-    return {c: i for i, c in enumerate(classes)}
+        return {c: int(c) for c in classes}, False
+    return {c: i for i, c in enumerate(classes)}, True
 
 
 def load_image(path: str | Path, spec: Preprocessing) -> np.ndarray:
@@ -89,11 +103,11 @@ def image_inputs(directory: str | Path, spec: Preprocessing, limit: int | None =
     paths, classes = find_images(directory)
     paths = paths[:limit] if limit else paths
     array = np.stack([load_image(p, spec) for p in paths])
-    labels = None
+    labels, by_order = None, False
     if classes:
-        index = class_indices(classes, spec.class_names)
+        index, by_order = class_indices(classes, spec.class_names)
         labels = np.array([index[p.relative_to(directory).parts[0]] for p in paths])
-    return Inputs(array, labels, f"{len(paths)} images from {directory}")
+    return Inputs(array, labels, f"{len(paths)} images from {directory}", by_order)
 
 
 def random_inputs(spec: Preprocessing, count: int = 8, seed: int = 0) -> Inputs:

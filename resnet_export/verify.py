@@ -151,5 +151,5 @@ def verify(
     sizes = batch_plan(len(inputs.array), fixed_batch)
     ref = run_batches(reference, inputs.array, sizes)
     cand = run_batches(candidate, inputs.array, sizes)
-    metrics = compare(ref, cand, inputs.labels)
+    metrics = compare(ref, cand, inputs.labels_for(ref.shape[1]))
     return Verification(metrics, gate, gate_failures(metrics, gate), inputs.description, sizes)

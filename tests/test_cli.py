@@ -1,0 +1,146 @@
+"""The command line through click's CliRunner: results, one-line errors, exit codes."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from resnet_export.cli import main
+from resnet_export.errors import EXIT_GATE_FAILED, ModelError
+from resnet_export.models import ARCHS, load_model
+
+from .conftest import IMAGES, USER_MODELS
+
+SMALL = ["--arch", "resnet18", "--num-classes", "10", "--input-size", "64"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, pattern, code=1):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert errors == lines[-1:], result.stderr  # one error line, the last thing said
+    assert "Traceback" not in result.output
+    assert pattern in lines[-1], lines[-1]
+
+
+def test_list_prints_every_arch():
+    result = run("list")
+    assert result.exit_code == 0
+    for arch in ARCHS:
+        assert arch in result.stdout
+    assert "25.6M" in result.stdout and "IMAGENET1K_V2" in result.stdout
+
+
+def test_onnx_command_exports_and_verifies(tmp_path):
+    out = tmp_path / "r18.onnx"
+    result = run("onnx", *SMALL, "--images", IMAGES, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "resnet18 -> " in result.stdout and ": PASS" in result.stdout
+    assert "folded 20 BatchNorm, 0 BatchNormalization left" in result.stdout
+    assert "Warning: no --weights given" in result.stderr
+    manifest = json.loads((tmp_path / "r18.onnx.json").read_text())
+    assert manifest["verification"]["metrics"]["top1_agreement"] == 1.0
+
+
+def test_onnx_command_with_checkpoint_and_no_verify(tmp_path):
+    ckpt = tmp_path / "w.pth"
+    torch.save({"model": load_model(arch="resnet18", num_classes=10).module.state_dict()}, ckpt)
+    result = run("onnx", *SMALL, "--weights", ckpt, "--no-verify", "--batch", "2", "-o", tmp_path / "r.onnx")
+    assert result.exit_code == 0, result.output
+    assert "PASS" not in result.stdout and "Warning" not in result.stderr
+    manifest = json.loads((tmp_path / "r.onnx.json").read_text())
+    assert manifest["verification"] is None and manifest["source"]["weights_sha256"]
+
+
+def test_fold_command(tmp_path):
+    model = load_model(arch="resnet18", num_classes=10).module.eval()
+    foreign = tmp_path / "foreign.onnx"
+    with warnings.catch_warnings():  # the legacy exporter's deprecation and mutation notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(foreign), dynamo=False,
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    result = run("fold", foreign, "-o", tmp_path / "folded.onnx")
+    assert result.exit_code == 0, result.output
+    assert "folded 20 BatchNorm" in result.stdout and "20 training-mode" in result.stdout
+    assert "PASS" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["onnx", "--arch", "resnet05"], "Error: unknown arch 'resnet05'; did you mean resnet50"),
+        (["onnx", *SMALL, "--weights", "missing.pth"], "checkpoint missing.pth not found"),
+        (["onnx", "--model", "missing.py:fn"], "--model file missing.py not found"),
+        (["onnx", "--model", f"{USER_MODELS}:returns_dict"], "returned a dict, not a torch.nn.Module"),
+        (["onnx", "--model", f"{USER_MODELS}:broken_resnet", "--input-size", "16"],
+         "forward pass failed in module '1' (BrokenResidual)"),
+        (["fold", "missing.onnx"], "ONNX file missing.onnx not found"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, message):
+    assert_one_line_error(run(*args, "-o", tmp_path / "out.onnx"), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_directory_missing(tmp_path):
+    result = run("onnx", *SMALL, "-o", tmp_path / "nope" / "out.onnx")
+    assert_one_line_error(result, "does not exist")
+
+
+def test_output_directory_not_writable(tmp_path):
+    readonly = tmp_path / "ro"
+    readonly.mkdir(mode=0o555)
+    target = readonly if not _is_root() else "/proc"  # root writes anywhere but /proc
+    assert_one_line_error(run("onnx", *SMALL, "-o", f"{target}/out.onnx"), "is not writable")
+
+
+def _is_root():
+    import os
+
+    return os.geteuid() == 0
+
+
+def test_corrupt_checkpoint_via_cli(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    assert_one_line_error(run("onnx", *SMALL, "--weights", bad, "-o", tmp_path / "o.onnx"), "truncated or corrupt")
+
+
+def test_gate_failure_exit_code(tmp_path):
+    differs = tmp_path / "differs.py"
+    differs.write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.conv = torch.nn.Conv2d(3, 10, 3)\n"
+        "    def forward(self, x):\n"
+        "        y = self.conv(x).mean((2, 3))\n"
+        "        return y.flip(1) if torch.onnx.is_in_onnx_export() else y\n"
+        "def make():\n    return M()\n"
+    )
+    result = run("onnx", "--model", f"{differs}:make", "--input-size", "16", "-o", tmp_path / "d.onnx")
+    assert_one_line_error(result, "failed the FP32 gate: top-1 agreement", code=EXIT_GATE_FAILED)
+    assert (tmp_path / "d.onnx").is_file()
+
+
+def test_debug_shows_the_traceback():
+    result = CliRunner().invoke(main, ["--debug", "onnx", "--arch", "resnet05", "-o", "x.onnx"])
+    assert isinstance(result.exception, ModelError)
+
+
+def test_bad_option_values_are_usage_errors(tmp_path):
+    result = run("onnx", "--input-size", "0x5", "-o", tmp_path / "x.onnx")
+    assert result.exit_code == 2 and "H or HxW" in result.output
+
+
+def test_python_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "resnet_export", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "resnet-export, version" in result.stdout
