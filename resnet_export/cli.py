@@ -171,3 +171,110 @@ def fold(source, no_verify, output) -> None:
     if result.verification:
         line += f"; vs input: {result.verification.summary()}: PASS"
     click.echo(line)
+
+
+def precision_options(command):
+    """Add the options shared by ``quantize`` and ``trt``: precision, calibration, gates."""
+    options = (
+        click.option("--fp16", is_flag=True, help="FP16 via ModelOpt AutoCast (FP32 inputs and outputs kept)."),
+        click.option("--int8", is_flag=True, help="INT8 with explicit Q/DQ nodes, calibrated on --calib."),
+        click.option("--calib", type=click.Path(path_type=Path), help="Calibration images (searched recursively) or a .npy/.npz of preprocessed inputs."),
+        click.option("--calib-method", type=click.Choice(["entropy", "max", "minmax", "percentile"]),
+                     help="trt target: entropy (default), max, percentile; cpu target: minmax (default), entropy, percentile."),
+        click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True, help="Calibration images to use (seeded choice)."),
+        click.option("--val", type=click.Path(path_type=Path), help="Verification images (default: calibration folder images not used to calibrate)."),
+        click.option("--min-agreement", type=click.FloatRange(0, 1), help="INT8 top-1 agreement to reach; keeps sensitive convs in higher precision until met."),
+        click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="INT8 accuracy drop (points) to stay under; same search as --min-agreement."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _precision(fp16: bool, int8: bool, calib, required: bool) -> str:
+    from .precision import PrecisionError
+
+    if fp16 and int8:
+        raise PrecisionError("--fp16 and --int8 exclude each other: choose one")
+    if int8 and calib is None:
+        raise PrecisionError("--int8 needs calibration data: --calib DIR")
+    if required and not (fp16 or int8):
+        raise PrecisionError("choose a precision: --fp16, or --int8 --calib DIR")
+    return "int8" if int8 else "fp16" if fp16 else "fp32"
+
+
+def _precision_line(result) -> str:
+    record, v = result.record, result.verification
+    what = record["dtype"].upper()
+    if record["dtype"] == "int8":
+        what += f" ({record['target']}, {record['calibration_method']}, {record['calibration_samples']} calibration samples)"
+    line = f"{what}; vs {v.inputs}: {v.summary()}"
+    if result.excluded:
+        names = ", ".join(name for name, _ in result.excluded)
+        line += (f"; kept {len(result.excluded)} conv(s) in higher precision ({names}); "
+                 f"top-1 agreement before {result.before['top1_agreement']:.1%}")
+    return line + ": PASS"
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@precision_options
+@click.option("--target", type=click.Choice(["trt", "cpu"]), default="trt", show_default=True,
+              help="trt: ModelOpt Q/DQ for TensorRT (rest FP16); cpu: ONNX Runtime u8/s8 per-channel QDQ.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration choice and random inputs.")
+@_output_option("OUT.onnx")
+def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, target, seed, output):
+    """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it."""
+    from .export import load_onnx
+    from .pipeline import precision_from_onnx
+
+    precision = _precision(fp16, int8, calib, required=True)
+    load_onnx(source, load_weights=False)
+    result = precision_from_onnx(source, output, precision, calib, target, calib_method, calib_size, seed, val,
+                                 min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    click.echo(f"{source} -> {output}: {_precision_line(result)}")
+
+
+@main.command()
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Build from this ONNX instead of exporting MODEL.")
+@model_options
+@precision_options
+@click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
+@_output_option("OUT.plan")
+def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop,
+        onnx_only, output):
+    """Export, convert precision for TensorRT, verify, then build the engine (where TensorRT runs)."""
+    import tempfile
+
+    from .manifest import check_writable_dir
+    from .pipeline import onnx_from_model, precision_from_onnx
+    from .runners import TorchRunner
+    from .trt import TensorRTUnavailable, unavailable_reason
+
+    precision = _precision(fp16, int8, calib, required=False)
+    check_writable_dir(output)
+    side_onnx = output.with_suffix(".onnx")
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
+        reference = None
+        fp32 = onnx_path
+        if fp32 is None:
+            loaded = load()
+            reference = TorchRunner(loaded.module)
+            fp32 = side_onnx if precision == "fp32" else Path(work) / "fp32.onnx"
+            result = onnx_from_model(loaded, fp32, images=val, seed=seed)
+            click.echo(f"{loaded.name} -> FP32 ONNX: {result.verification.summary()}: PASS")
+        if precision != "fp32":
+            result = precision_from_onnx(fp32, side_onnx, precision, calib, "trt", calib_method, calib_size, seed, val,
+                                         reference, min_agreement, max_accuracy_drop)
+            click.echo(f"{side_onnx}: {_precision_line(result)}")
+        elif onnx_path is not None:
+            side_onnx = onnx_path
+    if onnx_only:
+        click.echo(f"{side_onnx} written; --onnx-only: no engine built")
+        return
+    reason = unavailable_reason()
+    if reason:
+        raise TensorRTUnavailable(
+            f"cannot build {output}: {reason}. {side_onnx} is kept; build the engine on a machine with TensorRT "
+            f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
+        )

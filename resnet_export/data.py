@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import console, warn
 from .errors import ResnetExportError
 from .models import Preprocessing
 
@@ -51,9 +52,13 @@ def find_images(directory: str | Path) -> tuple[list[Path], list[str] | None]:
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not paths:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise DataError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}: "
+            f"{len(files)} files skipped, none with an image suffix"
+        )
     depths = {len(p.relative_to(root).parts) for p in paths}
     classes = sorted({p.relative_to(root).parts[0] for p in paths}) if depths == {2} else None
     return paths, classes
@@ -98,16 +103,81 @@ def _resample(name: str):
     return {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(name, Image.BILINEAR)
 
 
-def image_inputs(directory: str | Path, spec: Preprocessing, limit: int | None = None) -> Inputs:
-    """Load (up to ``limit``) images of a folder, with labels when it has the ImageFolder layout."""
-    paths, classes = find_images(directory)
-    paths = paths[:limit] if limit else paths
-    array = np.stack([load_image(p, spec) for p in paths])
+def decode_images(paths: list[Path], spec: Preprocessing, what: str = "Decoding images") -> tuple[np.ndarray, list[Path]]:
+    """Decode and preprocess ``paths`` with a progress bar; unreadable files are skipped with a warning.
+
+    Returns the ``(N, C, H, W)`` array and the paths that were kept. Raises when none is readable.
+    """
+    from PIL import UnidentifiedImageError
+    from rich.progress import track
+
+    arrays, kept, failures = [], [], []
+    for path in track(paths, description=what, console=console, transient=True, disable=not console.is_terminal):
+        try:
+            arrays.append(load_image(path, spec))
+            kept.append(path)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            failures.append(f"{path.name} ({type(exc).__name__})")
+    if not kept:
+        raise DataError(
+            f"no readable image among {len(paths)} files: {len(failures)} skipped, cannot be decoded: "
+            + ", ".join(failures[:3]) + (", ..." if len(failures) > 3 else "")
+        )
+    if failures:
+        warn(f"skipped {len(failures)} unreadable images of {len(paths)}: " + ", ".join(failures[:3])
+             + (", ..." if len(failures) > 3 else ""))
+    return np.stack(arrays), kept
+
+
+def labelled_inputs(root: Path, paths: list[Path], classes: list[str] | None, spec: Preprocessing,
+                    what: str = "Decoding images") -> Inputs:
+    """Decode ``paths`` (images under ``root``) into Inputs, labelled when ``classes`` is known."""
+    array, kept = decode_images(paths, spec, what)
     labels, by_order = None, False
     if classes:
         index, by_order = class_indices(classes, spec.class_names)
-        labels = np.array([index[p.relative_to(directory).parts[0]] for p in paths])
-    return Inputs(array, labels, f"{len(paths)} images from {directory}", by_order)
+        labels = np.array([index[p.relative_to(root).parts[0]] for p in kept])
+    return Inputs(array, labels, f"{len(kept)} images from {root}", by_order)
+
+
+def image_inputs(directory: str | Path, spec: Preprocessing, limit: int | None = None) -> Inputs:
+    """Load (up to ``limit``) images of a folder, with labels when it has the ImageFolder layout."""
+    paths, classes = find_images(directory)
+    return labelled_inputs(Path(directory), paths[:limit] if limit else paths, classes, spec)
+
+
+def calibration_split(
+    directory: str | Path, spec: Preprocessing, size: int, seed: int = 0, held_out_limit: int = 1000
+) -> tuple[Inputs, Inputs | None]:
+    """Pick ``size`` images of ``directory`` for calibration (seeded) and hold the rest out for checks.
+
+    Only the chosen images are decoded: at most ``size`` for calibration and ``held_out_limit`` held
+    out. A folder with fewer images than ``size`` is used whole, with a warning.
+    """
+    root = Path(directory)
+    paths, classes = find_images(root)
+    order = np.random.default_rng(seed).permutation(len(paths))
+    if len(paths) < size:
+        warn(f"{root} has {len(paths)} images, fewer than --calib-size {size}: calibrating on all of them")
+    chosen = [paths[i] for i in sorted(order[:size])]
+    rest = [paths[i] for i in sorted(order[size:size + held_out_limit])]
+    calib = labelled_inputs(root, chosen, classes, spec, "Decoding calibration images")
+    held_out = labelled_inputs(root, rest, classes, spec, "Decoding held-out images") if rest else None
+    return calib, held_out
+
+
+def array_inputs(path: str | Path, spec: Preprocessing) -> Inputs:
+    """Already preprocessed inputs from a ``.npy`` file or the first array of a ``.npz`` file."""
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        array = loaded[loaded.files[0]] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except (OSError, ValueError, IndexError) as exc:
+        raise DataError(f"cannot read arrays from {path} ({exc})") from exc
+    expected = (spec.channels, *spec.input_size)
+    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        raise DataError(f"{path} holds an array of shape {list(array.shape)}; expected [N, {', '.join(map(str, expected))}]")
+    return Inputs(array.astype(np.float32), None, f"{len(array)} arrays from {path.name}")
 
 
 def random_inputs(spec: Preprocessing, count: int = 8, seed: int = 0) -> Inputs:

@@ -7,6 +7,7 @@ import re
 #: Exit codes, documented in the README.
 EXIT_USER_ERROR = 1
 EXIT_GATE_FAILED = 3
+EXIT_TRT_UNAVAILABLE = 4
 
 
 class ResnetExportError(Exception):

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .console import step, warn
-from .data import Inputs, image_inputs, random_inputs
+from .data import DataError, Inputs, array_inputs, calibration_split, image_inputs, random_inputs
 from .errors import GateFailed, ModelError, OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx, load_onnx, read_metadata
 from .fold import FoldReport, fold_batchnorm, fold_onnx_batchnorm, to_inference_mode
 from .manifest import atomic_output, check_writable_dir, sha256_file, write_manifest
 from .models import LoadedModel, Preprocessing, run_forward
-from .runners import OrtRunner, TorchRunner
+from .precision import PrecisionError, check_method, qdq_summary, quantize_int8, to_fp16
+from .runners import OrtRunner, Runner, TorchRunner
+from .sensitivity import rank_quantized_convs
 from .verify import GATES, Verification, verify
 
 #: Largest relative error (to max |logit|) the PyTorch-level fold may introduce.
@@ -159,3 +161,123 @@ def _input_spec(model) -> Preprocessing:
         raise OnnxError(f"input '{graph_input.name}' has {len(dims)} dims; expected (N, C, H, W)")
     channels, height, width = dims[1] or 3, dims[2] or 224, dims[3] or 224
     return Preprocessing((height, width), max(height, width), (0.0,) * channels, (1.0,) * channels, channels)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@dataclass
+class PrecisionResult:
+    """What ``precision_from_onnx`` produced; ``before`` holds the metrics prior to any exclusion."""
+
+    path: Path
+    record: dict
+    verification: Verification
+    excluded: list[tuple[str, float]]
+    before: dict | None = None
+
+
+def onnx_preprocessing(path: str | Path) -> Preprocessing:
+    """The preprocessing stored at export, or one derived from the input shape of a foreign ONNX."""
+    return _input_spec(load_onnx(path, load_weights=False))
+
+
+def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int) -> tuple[Inputs, Inputs | None]:
+    """Calibration inputs and the held-out rest from an image folder or a ``.npy``/``.npz`` file."""
+    calib = Path(calib)
+    if calib.is_file() and calib.suffix in (".npy", ".npz"):
+        arrays = array_inputs(calib, spec)
+        if len(arrays.array) < size:
+            warn(f"{calib} has {len(arrays.array)} arrays, fewer than --calib-size {size}: calibrating on all")
+        head, rest = arrays.array[:size], arrays.array[size:]
+        held_out = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) else None
+        return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), held_out
+    if not calib.is_dir():
+        raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
+    return calibration_split(calib, spec, size, seed)
+
+
+def precision_from_onnx(
+    source: str | Path,
+    output: str | Path,
+    precision: str,
+    calib: str | Path | None = None,
+    target: str = "trt",
+    method: str | None = None,
+    calib_size: int = 512,
+    seed: int = 0,
+    val: str | Path | None = None,
+    reference: Runner | None = None,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
+) -> PrecisionResult:
+    """Make the FP16 or INT8 ONNX of ``source``, verify it and write its manifest.
+
+    The reference is ``reference`` (PyTorch, when the caller has the model) or ``source`` on ONNX
+    Runtime. With ``min_agreement`` or ``max_accuracy_drop`` an INT8 model that misses its gate gets
+    its most sensitive convolutions kept in higher precision until it passes. Raises GateFailed
+    (artifact and manifest kept) when the gate is still missed.
+    """
+    source, output = Path(source), Path(output)
+    check_writable_dir(output)
+    spec = onnx_preprocessing(source)
+    if precision == "int8":
+        check_method(target, method)
+        if calib is None:
+            raise PrecisionError("--int8 needs calibration data: --calib DIR")
+        calibration, held_out = calibration_data(calib, spec, calib_size, seed)
+        if val:
+            held_out = image_inputs(val, spec)
+        elif held_out is None:
+            warn("no images left for verification: verifying on the calibration images; pass --val DIR")
+            held_out = calibration
+        inputs = held_out
+    else:
+        inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
+    gate = GATES[precision]
+    if min_agreement is not None or max_accuracy_drop is not None:
+        gate = replace(gate, min_top1_agreement=gate.min_top1_agreement if min_agreement is None else min_agreement,
+                       max_accuracy_drop=gate.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop)
+    reference = reference or OrtRunner(source)
+
+    def convert(exclude: list[str]) -> tuple[dict, Verification]:
+        if precision == "fp16":
+            record = to_fp16(source, output)
+        else:
+            record = quantize_int8(source, output, calibration.array, target, method, exclude)
+        with step(f"Verifying {output.name} on {inputs.description}"):
+            candidate = OrtRunner(output)
+            return record, verify(reference, candidate, inputs, gate, candidate.fixed_batch)
+
+    record, verification = convert([])
+    excluded, before = [], None
+    searching = precision == "int8" and not verification.passed and (min_agreement is not None or max_accuracy_drop is not None)
+    if searching:
+        before = verification.metrics
+        with step("Ranking quantized convolutions by sensitivity"):
+            ranking = rank_quantized_convs(source, output, inputs.array[:32])
+        count = 1
+        while not verification.passed and count <= len(ranking):
+            excluded = ranking[:count]
+            warn(f"{', '.join(verification.failures)}: keeping {count} most sensitive conv(s) in higher precision")
+            record, verification = convert([name for name, _ in excluded])
+            count *= 2
+        if not verification.passed and len(excluded) < len(ranking):
+            excluded = ranking
+            record, verification = convert([name for name, _ in excluded])
+    write_manifest(
+        output,
+        stage="quantize",
+        precision=precision,
+        source={"onnx": str(source), "sha256": sha256_file(source), "reference": reference.name},
+        settings={"target": target if precision == "int8" else None, "calib": str(calib) if calib else None,
+                  "calib_size": calib_size, "seed": seed, "val": str(val) if val else None},
+        conversion=record,
+        qdq=qdq_summary(output),
+        sensitivity={"excluded": [{"node": n, "added_error": e} for n, e in excluded], "metrics_before": before}
+        if searching else None,
+        verification=verification.to_dict(),
+    )
+    if not verification.passed:
+        raise GateFailed(f"{output} failed the {precision.upper()} gate: {'; '.join(verification.failures)} (artifact kept)")
+    return PrecisionResult(output, record, verification, excluded, before)

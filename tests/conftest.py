@@ -53,3 +53,21 @@ def resnet18_onnx(tmp_path_factory, resnet18_small):
 
     path = tmp_path_factory.mktemp("resnet18") / "resnet18.onnx"
     return onnx_from_model(resnet18_small, path, images=IMAGES)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """A trained digits ResNet, its image folders and its verified FP32 ONNX (see tests/digits.py)."""
+    from types import SimpleNamespace
+
+    from resnet_export.pipeline import onnx_from_model
+
+    from .digits import FACTORY, INPUT_SIZE, train_digits, write_digit_images
+
+    root = tmp_path_factory.mktemp("digits")
+    train, val = write_digit_images(root)
+    checkpoint = root / "digits.pth"
+    train_digits(train, checkpoint)
+    model = load_model(model=FACTORY, input_size=INPUT_SIZE, weights=str(checkpoint))
+    fp32 = onnx_from_model(model, root / "fp32.onnx", images=val).path
+    return SimpleNamespace(root=root, train=train, val=val, checkpoint=checkpoint, model=model, fp32=fp32)

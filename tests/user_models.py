@@ -123,3 +123,10 @@ def returns_dict():
 
 def raises():
     raise RuntimeError("factory exploded")
+
+
+def digits_resnet():
+    """The CIFAR-style ResNet for 1-channel handwritten digits (tests/digits.py trains it)."""
+    model = CifarResNet(num_classes=10, widths=(16, 32, 64))
+    model.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+    return model

@@ -1,0 +1,300 @@
+"""FP32 ONNX -> FP16 ONNX (ModelOpt AutoCast) and INT8 Q/DQ ONNX (calibrated), all on the CPU.
+
+TensorRT 11 has no precision flags or calibrators: the precision lives in the ONNX graph.
+- ``target="trt"``: ModelOpt's ONNX PTQ, symmetric int8, Q/DQ placed the way TensorRT fuses residual
+  blocks; the rest in FP16. Percentile ranges are computed with ONNX Runtime's calibrator and handed
+  to ModelOpt as a TensorRT calibration cache, so the placement stays ModelOpt's.
+- ``target="cpu"``: ONNX Runtime ``quantize_static``, QDQ, uint8 activations, int8 per-channel weights
+  (ONNX Runtime's fast x86 path), after ``quant_pre_process``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+
+from .console import console
+from .errors import OnnxError, ResnetExportError, first_line
+from .export import load_onnx, read_metadata, set_metadata
+from .manifest import atomic_output
+
+TARGETS = ("trt", "cpu")
+CALIB_METHODS = {"trt": ("entropy", "max", "percentile"), "cpu": ("minmax", "entropy", "percentile")}
+DEFAULT_METHOD = {"trt": "entropy", "cpu": "minmax"}
+PERCENTILE = 99.99
+CALIB_BATCH = 32
+
+
+class PrecisionError(ResnetExportError):
+    """A precision conversion was asked for with unusable settings, or failed."""
+
+
+class CalibrationReader:
+    """ONNX Runtime / ModelOpt calibration reader over preprocessed batches, reporting each batch."""
+
+    def __init__(self, input_name: str, array: np.ndarray, on_batch: Callable[[], None] | None = None,
+                 batch_size: int = CALIB_BATCH):
+        self.input_name = input_name
+        self.batches = [array[i:i + batch_size] for i in range(0, len(array), batch_size)]
+        self.on_batch = on_batch
+        self._iter: Iterator[np.ndarray] = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iter, None)
+        if batch is None:
+            return None
+        if self.on_batch:
+            self.on_batch()
+        return {self.input_name: batch}
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        return {self.input_name: self.batches[0]}
+
+    def rewind(self) -> None:
+        self._iter = iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@contextlib.contextmanager
+def _quiet_tools() -> Iterator[None]:
+    """Keep ModelOpt's and ONNX Runtime's logs, prints and tqdm bars off the terminal."""
+    loggers = [logging.getLogger(name) for name in ("modelopt", "onnxruntime", "root")]
+    levels = [logger.level for logger in loggers]
+    old_tqdm = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if old_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_tqdm
+
+
+def _save_with_metadata(model: onnx.ModelProto, source: Path, output: Path, precision: dict) -> None:
+    """Carry the source's toolkit metadata forward, add the precision record, check and save atomically."""
+    set_metadata(model, {**read_metadata(source), "precision": precision})
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # checker raises ValidationError and friends
+        raise OnnxError(f"the converted model fails onnx.checker: {first_line(exc)}") from exc
+    with atomic_output(output) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def input_name(path: str | Path) -> str:
+    """The name of an ONNX model's (first) graph input."""
+    model = load_onnx(path, load_weights=False)
+    initializers = {init.name for init in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in initializers)
+
+
+def to_fp16(source: str | Path, output: str | Path) -> dict:
+    """Convert an FP32 ONNX to FP16 with ModelOpt AutoCast, FP32 inputs and outputs kept.
+
+    Returns the precision record stored in the model's metadata.
+    """
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    source, output = Path(source), Path(output)
+    load_onnx(source, load_weights=False)
+    with console.status("Converting to FP16 (ModelOpt AutoCast) ..."), _quiet_tools():
+        try:
+            model = convert_to_mixed_precision(onnx_path=str(source), low_precision_type="fp16", keep_io_types=True)
+        except Exception as exc:  # AutoCast raises assorted errors on unsupported graphs
+            raise PrecisionError(f"FP16 conversion of {source} failed: {first_line(exc)}") from exc
+    record = {"dtype": "fp16", "tool": "modelopt.autocast", "keep_io_types": True}
+    _save_with_metadata(model, source, output, record)
+    return record
+
+
+def check_method(target: str, method: str | None) -> str:
+    """The calibration method to use for ``target`` (its default when None), or a one-line error."""
+    if target not in TARGETS:
+        raise PrecisionError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    method = method or DEFAULT_METHOD[target]
+    if method not in CALIB_METHODS[target]:
+        raise PrecisionError(
+            f"calibration method '{method}' is not available for --target {target}; "
+            f"choose one of {', '.join(CALIB_METHODS[target])}"
+        )
+    return method
+
+
+def quantize_int8(
+    source: str | Path,
+    output: str | Path,
+    calibration: np.ndarray,
+    target: str = "trt",
+    method: str | None = None,
+    exclude: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """Calibrate on ``calibration`` (preprocessed ``(N, C, H, W)``) and write an INT8 Q/DQ ONNX.
+
+    ``exclude`` names Conv nodes kept in higher precision. Returns the precision record stored in
+    the model's metadata.
+    """
+    source, output = Path(source), Path(output)
+    method = check_method(target, method)
+    name = input_name(source)
+    record = {"dtype": "int8", "target": target, "calibration_method": method,
+              "calibration_samples": int(len(calibration)), "excluded_nodes": list(exclude)}
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
+        work = Path(work)
+        model_copy = work / "model.onnx"  # ModelOpt rewrites its input in place
+        shutil.copyfile(source, model_copy)
+        np.save(work / "calibration.npy", calibration)
+        quantized = work / "int8.onnx"
+        passes = 2 if (target == "trt" and method == "percentile") else 1
+        total = passes * -(-len(calibration) // CALIB_BATCH)
+        _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude)),
+                      f"Calibrating INT8 ({target}, {method})", total, f"INT8 quantization of {source} failed")
+        if target == "trt":
+            record["high_precision_dtype"] = "fp16"
+        _save_with_metadata(onnx.load(str(quantized)), source, output, record)
+    return record
+
+
+def _run_isolated(worker, args: tuple, description: str, total: int, failure: str) -> None:
+    """Run ``worker(*args, queue)`` in a fresh process, advancing a progress bar on its messages.
+
+    ModelOpt monkey-patches ONNX Runtime's quantization modules process-wide when it runs, so each
+    quantization gets a clean process: ONNX Runtime's CPU path stays ONNX Runtime's own, whatever
+    ran before.
+    """
+    import multiprocessing
+    import queue as queue_module
+
+    from rich.progress import Progress
+
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    process = context.Process(target=worker, args=(*args, messages), daemon=True)
+    error = None
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total)
+        process.start()
+        while True:
+            try:
+                kind, value = messages.get(timeout=0.5)
+            except queue_module.Empty:
+                if not process.is_alive():
+                    error = error or f"the worker process exited with code {process.exitcode}"
+                    break
+                continue
+            if kind == "batch":
+                progress.advance(task)
+            elif kind == "error":
+                error = value
+            else:
+                break
+    process.join()
+    if error:
+        raise PrecisionError(f"{failure}: {error}")
+
+
+def _quantize_worker(work: str, name: str, target: str, method: str, exclude: list[str], messages) -> None:
+    """Child-process body of quantize_int8: calibrate ``work/model.onnx`` into ``work/int8.onnx``."""
+    work_path = Path(work)
+    try:
+        with _quiet_tools(), contextlib.redirect_stderr(io.StringIO()):  # tqdm bars of the calibrators
+            calibration = np.load(work_path / "calibration.npy")
+            reader = CalibrationReader(name, calibration, lambda: messages.put(("batch", 1)))
+            quantize = _quantize_trt if target == "trt" else _quantize_cpu
+            quantize(work_path / "model.onnx", work_path / "int8.onnx", reader, method, exclude, work_path)
+    except Exception as exc:  # reported to the parent as one line
+        messages.put(("error", first_line(exc)))
+    messages.put(("done", None))
+
+
+def _quantize_trt(model: Path, output: Path, reader: CalibrationReader, method: str, exclude: list[str], work: Path):
+    from modelopt.onnx.quantization import quantize
+
+    cache = None
+    if method == "percentile":
+        cache = work / "percentile.cache"
+        _write_percentile_cache(model, reader, cache, work)
+        reader.rewind()
+    quantize(
+        onnx_path=str(model),
+        quantize_mode="int8",
+        calibration_data_reader=reader,
+        calibration_method="entropy" if method == "entropy" else "max",
+        calibration_cache_path=str(cache) if cache else None,
+        calibration_eps=["cpu"],
+        nodes_to_exclude=[f"^{re.escape(name)}$" for name in exclude],  # ModelOpt takes regexes
+        output_path=str(output),
+        log_level="ERROR",
+    )
+
+
+def _write_percentile_cache(model: Path, reader: CalibrationReader, cache: Path, work: Path) -> None:
+    """Symmetric percentile ranges of every tensor, written as a TensorRT calibration cache."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(
+        str(model), None, augmented_model_path=str(work / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"symmetric": True, "percentile": PERCENTILE},
+    )
+    calibrator.collect_data(reader)
+    lines = ["TRT-100000-EntropyCalibration2"]
+    for tensor, data in calibrator.compute_data().data.items():
+        low, high = data.range_value
+        amax = max(abs(float(np.min(low))), abs(float(np.max(high)))) or 1e-8
+        lines.append(f"{tensor}: {struct.pack('!f', amax / 127.0).hex()}")
+    cache.write_text("\n".join(lines) + "\n")
+
+
+def _quantize_cpu(model: Path, output: Path, reader: CalibrationReader, method: str, exclude: list[str], work: Path):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = work / "prepared.onnx"
+    quant_pre_process(str(model), str(prepared))
+    quantize_static(
+        str(prepared), str(output), reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[method],
+        nodes_to_exclude=exclude,
+        extra_options={"CalibPercentile": PERCENTILE},
+    )
+
+
+def qdq_summary(path_or_model) -> dict:
+    """Counts that show a model's precision: Q/DQ pairs, quantized convs, FP16 initializers, BatchNorms."""
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load_onnx(path_or_model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    quantized = [c for c in convs if getattr(producers.get(c.input[0]), "op_type", None) == "DequantizeLinear"]
+    return {
+        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
+        "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in model.graph.node),
+        "convs": len(convs),
+        "quantized_convs": len(quantized),
+        "fp16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer),
+        "batchnorms": sum(n.op_type == "BatchNormalization" for n in model.graph.node),
+    }

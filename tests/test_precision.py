@@ -1,0 +1,126 @@
+"""FP16 and INT8 ONNX of a really trained model (digits), verified on its held-out split."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from resnet_export.errors import GateFailed
+from resnet_export.pipeline import precision_from_onnx
+from resnet_export.precision import PrecisionError, check_method, qdq_summary
+from resnet_export.runners import TorchRunner
+
+CALIB = 256
+
+
+def _accuracy_drop(result):
+    metrics = result.verification.metrics
+    return 100 * (metrics["accuracy_reference"] - metrics["accuracy_candidate"])
+
+
+@pytest.fixture(scope="module")
+def fp16(digits):
+    return precision_from_onnx(digits.fp32, digits.root / "fp16.onnx", "fp16", val=digits.val,
+                               reference=TorchRunner(digits.model.module))
+
+
+@pytest.fixture(scope="module")
+def int8_trt(digits):
+    return precision_from_onnx(digits.fp32, digits.root / "int8_trt.onnx", "int8", digits.train, "trt",
+                               calib_size=CALIB, val=digits.val, reference=TorchRunner(digits.model.module))
+
+
+@pytest.fixture(scope="module")
+def int8_cpu(digits):
+    return precision_from_onnx(digits.fp32, digits.root / "int8_cpu.onnx", "int8", digits.train, "cpu",
+                               calib_size=CALIB, val=digits.val, reference=TorchRunner(digits.model.module))
+
+
+def test_the_reference_model_is_really_trained(digits, fp16):
+    assert fp16.verification.metrics["accuracy_reference"] >= 0.95
+    assert fp16.verification.metrics["samples"] == 449
+
+
+def test_fp16_keeps_accuracy(fp16):
+    assert fp16.verification.passed
+    assert _accuracy_drop(fp16) <= 0.2
+    model = onnx.load(str(fp16.path))
+    assert qdq_summary(model)["fp16_initializers"] > 0
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # FP32 I/O kept
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int8_trt_target_keeps_accuracy_with_trt_placement(int8_trt):
+    assert int8_trt.verification.passed and _accuracy_drop(int8_trt) <= 1.0
+    model = onnx.load(str(int8_trt.path))
+    summary = qdq_summary(model)
+    assert summary["quantized_convs"] == summary["convs"] == 9
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    # TensorRT fuses a residual Add into the conv when the identity branch arrives through Q/DQ.
+    assert adds and all(any(producers.get(i) == "DequantizeLinear" for i in add.input) for add in adds)
+    zero_points = {i.name: i for i in model.graph.initializer}
+    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(zero_points[n.input[2]].data_type == onnx.TensorProto.INT8 for n in q_nodes if len(n.input) > 2)
+    manifest = json.loads(int8_trt.path.with_name("int8_trt.onnx.json").read_text())
+    assert manifest["conversion"]["calibration_samples"] == CALIB and manifest["verification"]["passed"]
+
+
+def test_int8_cpu_target_is_u8_activations_s8_per_channel_weights(int8_cpu):
+    assert int8_cpu.verification.passed and _accuracy_drop(int8_cpu) <= 1.0
+    model = onnx.load(str(int8_cpu.path))
+    inits = {i.name: i for i in model.graph.initializer}
+    activation_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_q and all(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in activation_q)
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
+    assert weight_dq and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in weight_dq)
+    assert all(len(onnx.numpy_helper.to_array(inits[n.input[1]]).shape) == 1 for n in weight_dq)  # per channel
+
+
+def test_percentile_for_trt_keeps_the_placement_with_other_ranges(digits, int8_trt):
+    result = precision_from_onnx(digits.fp32, digits.root / "int8_pct.onnx", "int8", digits.train, "trt", "percentile",
+                                 calib_size=CALIB, val=digits.val)
+    assert result.verification.passed and result.record["calibration_method"] == "percentile"
+
+    def quantized(path):
+        model = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        return {n.input[0]: float(np.max(inits[n.input[1]])) for n in model.graph.node if n.op_type == "QuantizeLinear"
+                and n.input[1] in inits and inits[n.input[1]].size == 1}
+
+    entropy, percentile = quantized(int8_trt.path), quantized(result.path)
+    assert set(entropy) == set(percentile)  # same tensors quantized: ModelOpt's placement
+    assert any(abs(entropy[k] - percentile[k]) > 1e-6 for k in entropy)  # different calibration
+
+
+def test_sensitivity_search_keeps_layers_in_higher_precision(digits, int8_trt):
+    before = int8_trt.verification.metrics["top1_agreement"]
+    assert before < 1.0  # the plain INT8 misses a 100% agreement target
+    result = precision_from_onnx(digits.fp32, digits.root / "int8_strict.onnx", "int8", digits.train, "trt",
+                                 calib_size=CALIB, val=digits.val, reference=TorchRunner(digits.model.module),
+                                 min_agreement=1.0)
+    assert result.verification.passed and result.verification.metrics["top1_agreement"] == 1.0
+    assert result.excluded and result.before["top1_agreement"] == before
+    assert result.record["excluded_nodes"] == [name for name, _ in result.excluded]
+    summary = qdq_summary(result.path)
+    assert summary["quantized_convs"] == summary["convs"] - len(result.excluded)
+    manifest = json.loads(result.path.with_name("int8_strict.onnx.json").read_text())
+    assert manifest["sensitivity"]["excluded"] and manifest["sensitivity"]["metrics_before"]
+
+
+def test_missed_gate_keeps_artifact(digits, tmp_path):
+    """Calibrating on constant inputs gives useless ranges: the gate must catch it."""
+    constant = tmp_path / "constant.npy"
+    np.save(constant, np.full((64, 1, 32, 32), -2.0, dtype=np.float32))
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(GateFailed, match="failed the INT8 gate: top-1 agreement"):
+        precision_from_onnx(digits.fp32, out, "int8", constant, "cpu", val=digits.val)
+    assert out.is_file()
+    assert json.loads((tmp_path / "bad.onnx.json").read_text())["verification"]["passed"] is False
+
+
+def test_method_names_depend_on_target():
+    assert check_method("trt", None) == "entropy" and check_method("cpu", None) == "minmax"
+    with pytest.raises(PrecisionError, match="not available for --target trt"):
+        check_method("trt", "minmax")

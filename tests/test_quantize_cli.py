@@ -1,0 +1,127 @@
+"""`quantize` and `trt` on the command line: results, bad input, TensorRT missing."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from resnet_export.data import load_image
+from resnet_export.errors import EXIT_TRT_UNAVAILABLE
+from resnet_export.models import default_preprocessing
+from resnet_export.trt import unavailable_reason
+
+from .conftest import IMAGES
+from .test_cli import SMALL, assert_one_line_error, run
+
+
+def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu",
+                 "--calib-size", "4", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "INT8 (cpu, minmax, 4 calibration samples)" in result.stdout
+    assert "vs 2 images" in result.stdout  # the two images not used for calibration
+    manifest = json.loads((tmp_path / "q.onnx.json").read_text())
+    assert manifest["qdq"]["quantized_convs"] == 20 and manifest["settings"]["target"] == "cpu"
+
+
+def test_quantize_fp16(resnet18_onnx, tmp_path):
+    result = run("quantize", resnet18_onnx.path, "--fp16", "--val", IMAGES, "-o", tmp_path / "h.onnx")
+    assert result.exit_code == 0, result.output
+    assert "FP16; vs 6 images" in result.stdout and ": PASS" in result.stdout
+
+
+def test_images_are_converted_to_the_model_channels():
+    for channels in (1, 3):
+        spec = default_preprocessing(channels, (32, 32))
+        for path in (IMAGES / "person" / "camera.png", IMAGES / "logo" / "logo.png", IMAGES / "cat" / "chelsea.jpg"):
+            assert load_image(path, spec).shape == (channels, 32, 32)
+
+
+def test_fewer_images_than_calib_size_warns(resnet18_onnx, tmp_path):
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.output
+    assert "fewer than --calib-size 512: calibrating on all" in result.stderr
+    assert "verifying on the calibration images" in result.stderr
+
+
+def test_corrupt_images_are_skipped_and_counted(resnet18_onnx, tmp_path):
+    calib = tmp_path / "calib"
+    shutil.copytree(IMAGES, calib)
+    (calib / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (calib / "cup" / "empty.png").write_bytes(b"")
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", calib, "--target", "cpu", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 unreadable images of 8" in result.stderr
+
+
+@pytest.mark.parametrize("content", ["none", "not_images", "corrupt"])
+def test_unusable_calibration_folders(resnet18_onnx, tmp_path, content):
+    calib = tmp_path / "calib"
+    expected = "does not exist"
+    if content != "none":
+        calib.mkdir()
+        if content == "not_images":
+            (calib / "notes.txt").write_text("hello")
+            expected = "no images (.jpg"
+        else:
+            for i in range(3):
+                (calib / f"{i}.jpg").write_bytes(b"garbage")
+            expected = "no readable image among 3 files: 3 skipped, cannot be decoded"
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(run("quantize", resnet18_onnx.path, "--int8", "--calib", calib, "-o", out), expected)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--int8"], "--int8 needs calibration data: --calib DIR"),
+        (["--fp16", "--int8", "--calib", "x"], "--fp16 and --int8 exclude each other"),
+        ([], "choose a precision"),
+        (["--int8", "--calib", str(IMAGES), "--calib-method", "minmax"], "not available for --target trt"),
+    ],
+)
+def test_precision_option_errors(resnet18_onnx, tmp_path, args, message):
+    assert_one_line_error(run("quantize", resnet18_onnx.path, *args, "-o", tmp_path / "q.onnx"), message)
+
+
+def test_quantize_input_missing_or_not_onnx(tmp_path):
+    assert_one_line_error(run("quantize", tmp_path / "missing.onnx", "--fp16", "-o", tmp_path / "q.onnx"), "not found")
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("hello, I am text")
+    assert_one_line_error(run("quantize", bad, "--fp16", "-o", tmp_path / "q.onnx"), "is not an ONNX model")
+
+
+def test_npy_calibration_data(resnet18_onnx, tmp_path):
+    arrays = tmp_path / "calib.npy"
+    np.save(arrays, np.random.default_rng(0).standard_normal((12, 3, 64, 64)).astype(np.float32))
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", arrays, "--calib-size", "8",
+                 "--target", "cpu", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.output
+    assert "8 calibration samples" in result.stdout and "vs 4 held-out arrays" in result.stdout
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 3, 32, 32), np.float32))
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", wrong, "-o", tmp_path / "w.onnx")
+    assert_one_line_error(result, "expected [N, 3, 64, 64]")
+
+
+@pytest.mark.skipif(unavailable_reason() is None, reason="TensorRT and a GPU are present: the engine gets built")
+def test_trt_without_tensorrt_keeps_the_onnx_and_says_how(tmp_path):
+    out = tmp_path / "r18.plan"
+    result = run("trt", *SMALL, "--int8", "--calib", IMAGES, "-o", out)
+    assert_one_line_error(result, "cannot build", code=EXIT_TRT_UNAVAILABLE)
+    assert f"resnet-export trt --onnx {tmp_path / 'r18.onnx'} -o {out}" in result.stderr
+    assert (tmp_path / "r18.onnx").is_file() and (tmp_path / "r18.onnx.json").is_file()
+    assert not out.exists()
+    manifest = json.loads((tmp_path / "r18.onnx.json").read_text())
+    assert manifest["source"]["reference"] == "torch" and manifest["conversion"]["target"] == "trt"
+
+
+def test_trt_onnx_only_is_the_intended_stop(tmp_path):
+    out = tmp_path / "r18.plan"
+    result = run("trt", *SMALL, "--fp16", "--onnx-only", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "--onnx-only: no engine built" in result.stdout
+    assert (tmp_path / "r18.onnx").is_file() and not out.exists()
