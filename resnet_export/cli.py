@@ -7,6 +7,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from pathlib import Path
 
@@ -239,23 +240,35 @@ def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agree
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Build from this ONNX instead of exporting MODEL.")
 @model_options
 @precision_options
+@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Optimization profile: smallest batch.")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Optimization profile: batch to tune for.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Optimization profile: largest batch.")
+@click.option("--workspace", type=click.IntRange(min=1), metavar="MIB", help="Builder workspace memory pool limit in MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), help="Timing cache file: loaded when present, saved after the build.")
+@click.option("--builder-opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level (0-5).")
+@click.option("--version-compatible", is_flag=True, help="Build a plan that later TensorRT releases of the same major can run.")
+@click.option("--hardware-compat", is_flag=True, help="Build a plan that runs on any Ampere or newer GPU.")
 @click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
 @_output_option("OUT.plan")
 def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop,
-        onnx_only, output):
-    """Export, convert precision for TensorRT, verify, then build the engine (where TensorRT runs)."""
+        min_batch, opt_batch, max_batch, workspace, timing_cache, builder_opt_level, version_compatible,
+        hardware_compat, onnx_only, output):
+    """Export, convert precision for TensorRT, verify, then build and verify the engine."""
     import tempfile
 
     from .manifest import check_writable_dir
-    from .pipeline import onnx_from_model, precision_from_onnx
-    from .runners import TorchRunner
-    from .trt import TensorRTUnavailable, unavailable_reason
+    from .pipeline import engine_from_onnx, onnx_from_model, precision_from_onnx, verification_inputs
+    from .runners import OrtRunner, TorchRunner
+    from .trt import BatchProfile, BuildOptions, TensorRTUnavailable, check_profile, unavailable_reason
 
     precision = _precision(fp16, int8, calib, required=False)
+    check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     check_writable_dir(output)
     side_onnx = output.with_suffix(".onnx")
+    options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
+                           version_compatible, hardware_compat)
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
-        reference = None
+        loaded = reference = None
         fp32 = onnx_path
         if fp32 is None:
             loaded = load()
@@ -269,12 +282,40 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
             click.echo(f"{side_onnx}: {_precision_line(result)}")
         elif onnx_path is not None:
             side_onnx = onnx_path
-    if onnx_only:
-        click.echo(f"{side_onnx} written; --onnx-only: no engine built")
-        return
-    reason = unavailable_reason()
-    if reason:
-        raise TensorRTUnavailable(
-            f"cannot build {output}: {reason}. {side_onnx} is kept; build the engine on a machine with TensorRT "
-            f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
-        )
+        if onnx_only:
+            click.echo(f"{side_onnx} written; --onnx-only: no engine built")
+            return
+        reason = unavailable_reason()
+        if reason:
+            raise TensorRTUnavailable(
+                f"cannot build {output}: {reason}. {side_onnx} is kept; build the engine on a machine with TensorRT "
+                f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
+            )
+        inputs = verification_inputs(loaded, val, seed=seed) if loaded else None
+        result = engine_from_onnx(side_onnx, output, BatchProfile(min_batch, opt_batch, max_batch), options,
+                                  reference or OrtRunner(fp32), inputs, seed)
+    record, v = result.record, result.verification
+    click.echo(f"{output}: {record['precision']['dtype'].upper()} engine, TensorRT {record['tensorrt']} on "
+               f"{record['gpu']} (built in {record['build_seconds']} s); vs {v.inputs}: {v.summary()}: PASS")
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@model_options
+@click.option("--images", type=click.Path(path_type=Path), help="Verify on these images (ImageFolder layout gives labels).")
+def verify_command(artifact, load, seed, images):
+    """Compare an ONNX file or a TensorRT plan with the PyTorch model, using its precision's gate."""
+    from .pipeline import verify_artifact
+
+    loaded = load()
+    precision, v = verify_artifact(artifact, loaded, images, seed)
+    click.echo(f"{artifact}: {precision.upper()} vs PyTorch on {v.inputs}: {v.summary()}: PASS")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def inspect(artifact):
+    """Show an ONNX file's or a plan's I/O, precision mix, Q/DQ and BatchNorm counts and manifest."""
+    from .describe import describe
+
+    click.echo(json.dumps(describe(artifact), indent=2, default=str))

@@ -18,6 +18,7 @@ from .models import LoadedModel, Preprocessing, run_forward
 from .precision import PrecisionError, check_method, qdq_summary, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .sensitivity import rank_quantized_convs
+from .trt import BatchProfile, BuildOptions, TrtRunner, build_engine, load_manifest
 from .verify import GATES, Verification, verify
 
 #: Largest relative error (to max |logit|) the PyTorch-level fold may introduce.
@@ -281,3 +282,64 @@ def precision_from_onnx(
     if not verification.passed:
         raise GateFailed(f"{output} failed the {precision.upper()} gate: {'; '.join(verification.failures)} (artifact kept)")
     return PrecisionResult(output, record, verification, excluded, before)
+
+
+# --------------------------------------------------------------------------- engines and verification
+
+
+@dataclass
+class EngineResult:
+    """What ``engine_from_onnx`` produced."""
+
+    path: Path
+    record: dict
+    verification: Verification
+
+
+def engine_from_onnx(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
+                     options: BuildOptions = BuildOptions(), reference: Runner | None = None,
+                     inputs: Inputs | None = None, seed: int = 0) -> EngineResult:
+    """Build the engine, verify it at batch 1 and the profile maximum, and write ``output.json``.
+
+    ``reference`` defaults to ``onnx_path`` on ONNX Runtime; the gate is the precision's.
+    """
+    record = build_engine(onnx_path, output, profile, options)
+    precision = record["precision"].get("dtype", "fp32")
+    inputs = inputs or random_inputs(onnx_preprocessing(onnx_path), max(8, profile.max), seed)
+    engine = TrtRunner(output)
+    sizes = [1, engine.profile_max_batch] if engine.profile_max_batch > 1 else [1]
+    verification = verify(reference or OrtRunner(onnx_path), engine, inputs, GATES[precision], sizes=sizes)
+    write_manifest(output, stage="engine", **record, verification=verification.to_dict())
+    if not verification.passed:
+        raise GateFailed(f"{output} failed the {precision.upper()} gate: {'; '.join(verification.failures)} (plan kept)")
+    return EngineResult(Path(output), record, verification)
+
+
+def artifact_precision(artifact: str | Path) -> str:
+    """fp32, fp16 or int8: from an ONNX file's metadata or a plan's manifest."""
+    artifact = Path(artifact)
+    if artifact.suffix == ".onnx":
+        return read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
+    manifest = load_manifest(artifact)
+    if manifest is None:
+        raise OnnxError(f"{artifact} has no manifest: cannot tell its precision (expected {artifact}.json)")
+    return manifest["precision"].get("dtype", "fp32")
+
+
+def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Path | None = None,
+                    seed: int = 0) -> tuple[str, Verification]:
+    """Compare an ONNX file or a plan with the PyTorch model using its precision's gate."""
+    artifact = Path(artifact)
+    if artifact.suffix not in (".onnx", ".plan", ".engine"):
+        raise OnnxError(f"{artifact}: expected an .onnx file or a TensorRT .plan")
+    if not artifact.is_file():
+        raise OnnxError(f"{artifact} not found")
+    precision = artifact_precision(artifact)
+    candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
+    inputs = verification_inputs(loaded, images, seed=seed)
+    with step(f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
+        verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
+                              getattr(candidate, "fixed_batch", None))
+    if not verification.passed:
+        raise GateFailed(f"{artifact} failed the {precision.upper()} gate: {'; '.join(verification.failures)}")
+    return precision, verification

@@ -1,12 +1,23 @@
-"""TensorRT: availability, engine build and load. TensorRT is imported lazily, only here.
+"""TensorRT: availability, engine build, manifest checks and the engine runner.
 
-Precision is not chosen here: TensorRT 11 removed the precision flags, so the engine is built
-strongly typed from an ONNX whose graph already carries FP16 casts or INT8 Q/DQ nodes.
+TensorRT is imported lazily, only in the functions that need it, so everything else works without it.
+Precision is not chosen here: TensorRT 11 removed the precision builder flags and calibrators, so the
+engine is built strongly typed from an ONNX whose graph already carries FP16 casts or INT8 Q/DQ
+nodes. ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is required for that on TensorRT 10 and
+ignored on 11; no removed flag (FP16, INT8, calibrators) is ever set.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
 from .errors import EXIT_TRT_UNAVAILABLE, ResnetExportError
+from .manifest import atomic_output, manifest_path, sha256_file
 
 
 class TensorRTUnavailable(ResnetExportError):
@@ -15,8 +26,12 @@ class TensorRTUnavailable(ResnetExportError):
     exit_code = EXIT_TRT_UNAVAILABLE
 
 
+class EngineError(ResnetExportError):
+    """An engine cannot be built, or a plan cannot run here."""
+
+
 def unavailable_reason() -> str | None:
-    """Why an engine cannot be built on this machine (None when TensorRT and a CUDA GPU are present)."""
+    """Why an engine cannot be built or run on this machine (None when TensorRT and a CUDA GPU are present)."""
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
@@ -26,3 +41,292 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     return None
+
+
+def require_tensorrt(what: str) -> None:
+    """Raise TensorRTUnavailable (exit code 4) naming ``what`` could not be done, and why."""
+    reason = unavailable_reason()
+    if reason:
+        raise TensorRTUnavailable(f"cannot {what}: {reason}")
+
+
+# --------------------------------------------------------------------------- pure logic
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The optimization profile of the batch axis; the spatial size comes from the ONNX."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    def shapes(self, chw: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+        return {name: (batch, *chw) for name, batch in (("min", self.min), ("opt", self.opt), ("max", self.max))}
+
+
+def check_profile(profile: BatchProfile, onnx_batch: int | None) -> BatchProfile:
+    """Validate the batch profile against the ONNX's batch axis; a fixed batch pins all three."""
+    if onnx_batch is not None:
+        if {profile.min, profile.opt, profile.max} != {onnx_batch} and profile != BatchProfile():
+            raise EngineError(
+                f"the ONNX has a fixed batch of {onnx_batch}; --min/--opt/--max-batch must all be {onnx_batch} "
+                "(or export with --batch dynamic)"
+            )
+        return BatchProfile(onnx_batch, onnx_batch, onnx_batch)
+    if not 1 <= profile.min <= profile.opt <= profile.max:
+        raise EngineError(
+            f"inconsistent batch profile min={profile.min} opt={profile.opt} max={profile.max}: "
+            "need 1 <= --min-batch <= --opt-batch <= --max-batch"
+        )
+    return profile
+
+
+def onnx_io(path: str | Path) -> tuple[str, int | None, tuple[int, int, int]]:
+    """Input name, fixed batch (None when dynamic) and (C, H, W) of an ONNX model's input."""
+    from .export import load_onnx
+
+    model = load_onnx(path, load_weights=False)
+    initializers = {init.name for init in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
+    if len(dims) != 4 or None in dims[1:]:
+        raise EngineError(f"input '{graph_input.name}' of {path} must be (N, C, H, W) with fixed C, H, W; got {dims}")
+    return graph_input.name, dims[0], tuple(dims[1:])
+
+
+def incompatibility(built: dict, running: dict) -> str | None:
+    """Why a plan built as ``built`` (its manifest) cannot run on ``running`` (runtime_info()), or None.
+
+    A plan runs only on the TensorRT version that built it (or, built version-compatible, a later
+    release of the same major), and on GPUs of the same compute capability (or, built with hardware
+    compatibility, any Ampere or newer).
+    """
+    options = built.get("options", {})
+    problems = []
+    built_trt, run_trt = built["tensorrt"], running["tensorrt"]
+    if options.get("version_compatible"):
+        if _version(run_trt)[0] != _version(built_trt)[0] or _version(run_trt) < _version(built_trt):
+            problems.append("TensorRT")
+    elif built_trt != run_trt:
+        problems.append("TensorRT")
+    built_cc, run_cc = built["compute_capability"], running["compute_capability"]
+    if options.get("hardware_compatible"):
+        if _version(run_cc) < (8, 0):
+            problems.append("GPU")
+    elif built_cc != run_cc:
+        problems.append("GPU")
+    if not problems:
+        return None
+    return (
+        f"built with TensorRT {built_trt} on compute capability {built_cc} ({built.get('gpu', '?')}), "
+        f"running TensorRT {run_trt} on compute capability {run_cc} ({running.get('gpu', '?')}): "
+        f"{' and '.join(problems)} mismatch"
+    )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def read_timing_cache(path: str | Path | None) -> bytes:
+    """The timing cache's bytes when the file exists, else empty (a new cache)."""
+    if path is None or not Path(path).is_file():
+        return b""
+    return Path(path).read_bytes()
+
+
+def write_timing_cache(path: str | Path, data: bytes) -> None:
+    """Save a serialized timing cache atomically (parallel builds never see half a file)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def runtime_info() -> dict:
+    """TensorRT version, GPU name, compute capability and CUDA version of this machine."""
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "compute_capability": f"{major}.{minor}",
+        "cuda": torch.version.cuda,
+    }
+
+
+@dataclass
+class BuildOptions:
+    """Builder settings besides the profile; none of them touches precision."""
+
+    workspace_mib: int | None = None
+    timing_cache: str | None = None
+    builder_optimization_level: int | None = None
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+
+
+def _logger():
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def _strongly_typed_network(builder, onnx_path: Path, logger):
+    import tensorrt as trt
+
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        nodes = "; ".join(f"node '{e.node_name()}' ({e.node_operator()}): {e.desc()}" for e in errors[:5])
+        raise EngineError(f"TensorRT cannot parse {onnx_path}: {len(errors)} error(s): {nodes}")
+    return network, parser
+
+
+def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
+                 options: BuildOptions = BuildOptions()) -> dict:
+    """Build a strongly typed engine from ``onnx_path`` into ``output``; returns its manifest record.
+
+    The caller writes the manifest (``engine_from_onnx`` adds the verification to it).
+    """
+    require_tensorrt(f"build {output}")
+    import tensorrt as trt
+
+    from .console import step
+    from .export import read_metadata
+
+    onnx_path, output = Path(onnx_path), Path(output)
+    input_name, onnx_batch, chw = onnx_io(onnx_path)
+    profile = check_profile(profile, onnx_batch)
+    logger = _logger()
+    builder = trt.Builder(logger)
+    network, _parser = _strongly_typed_network(builder, onnx_path, logger)
+    config = builder.create_builder_config()
+    shapes = profile.shapes(chw)
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(trt_profile)
+    if options.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    if options.builder_optimization_level is not None:
+        config.builder_optimization_level = options.builder_optimization_level
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if options.hardware_compatible:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    cache = config.create_timing_cache(read_timing_cache(options.timing_cache))
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    start = time.perf_counter()
+    with step(f"Building TensorRT engine {output.name}"):
+        plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
+    build_seconds = time.perf_counter() - start
+    with atomic_output(output) as tmp:
+        tmp.write_bytes(bytes(plan))
+    if options.timing_cache:
+        write_timing_cache(options.timing_cache, bytes(cache.serialize()))
+    record = {
+        **runtime_info(),
+        "onnx": str(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
+        "precision": read_metadata(onnx_path).get("precision", {"dtype": "fp32"}),
+        "profile": {"input": input_name, **{k: list(v) for k, v in shapes.items()}},
+        "build_seconds": round(build_seconds, 2),
+        "options": asdict(options),
+    }
+    return record
+
+
+def load_manifest(plan: str | Path) -> dict | None:
+    """The plan's sidecar manifest, or None when it has none."""
+    path = manifest_path(plan)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class TrtRunner:
+    """A TensorRT plan as a Runner: numpy in, numpy out, torch CUDA tensors as buffers.
+
+    The manifest is checked against this machine before deserializing, so a plan from another
+    TensorRT version or GPU fails with a clear message. ``cuda_graph=True`` captures the enqueue for
+    each new input shape and replays it.
+    """
+
+    def __init__(self, plan: str | Path, cuda_graph: bool = False):
+        require_tensorrt(f"run {plan}")
+        import tensorrt as trt
+        import torch
+
+        from .console import warn
+
+        plan = Path(plan)
+        manifest = load_manifest(plan)
+        if manifest is None:
+            warn(f"{plan} has no manifest ({manifest_path(plan).name}): its TensorRT version and GPU are unchecked")
+        else:
+            problem = incompatibility(manifest, runtime_info())
+            if problem:
+                raise EngineError(f"{plan} cannot run here: {problem}; rebuild it here with: "
+                                  f"resnet-export trt --onnx {manifest.get('onnx', 'MODEL.onnx')} -o {plan}")
+        self.runtime = trt.Runtime(_logger())
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not deserialize {plan} (see the TensorRT log above)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.stream = torch.cuda.Stream()
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[tuple[int, ...], tuple] = {}
+        self.name = f"trt:{plan.name}"
+
+    def _torch_dtype(self, name: str):
+        import tensorrt as trt
+        import torch
+
+        return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                trt.DataType.INT8: torch.int8, trt.DataType.INT32: torch.int32}[self.engine.get_tensor_dtype(name)]
+
+    def infer_device(self, batch):
+        """Run a CUDA tensor already on the device; returns the CUDA output tensor (no host copies)."""
+        import torch
+
+        shape = tuple(batch.shape)
+        if self.cuda_graph and shape in self._graphs:
+            graph, static_in, static_out = self._graphs[shape]
+            static_in.copy_(batch)
+            graph.replay()
+            return static_out
+        batch = batch.to(self._torch_dtype(self.input_name)).contiguous()
+        self.context.set_input_shape(self.input_name, shape)
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
+                          dtype=self._torch_dtype(self.output_name), device=batch.device)
+        self.context.set_tensor_address(self.input_name, batch.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError("TensorRT execution failed (see the TensorRT log above)")
+            if self.cuda_graph:  # the first run warms up; capture the same enqueue for replays
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.context.execute_async_v3(self.stream.cuda_stream)
+                self._graphs[shape] = (graph, batch, out)
+        self.stream.synchronize()
+        return out
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
+        return self.infer_device(tensor).float().cpu().numpy()
+
+    @property
+    def profile_max_batch(self) -> int:
+        return self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]

@@ -146,10 +146,15 @@ def verify(
     inputs: Inputs,
     gate: Gate,
     fixed_batch: int | None = None,
+    sizes: list[int] | None = None,
 ) -> Verification:
-    """Run both runners on the same inputs, compute the metrics and check them against ``gate``."""
-    sizes = batch_plan(len(inputs.array), fixed_batch)
+    """Run both runners on the same inputs, compute the metrics and check them against ``gate``.
+
+    ``sizes`` overrides the batch plan (e.g. batch 1 and an engine's profile maximum).
+    """
+    sizes = sizes or batch_plan(len(inputs.array), fixed_batch)
     ref = run_batches(reference, inputs.array, sizes)
     cand = run_batches(candidate, inputs.array, sizes)
-    metrics = compare(ref, cand, inputs.labels_for(ref.shape[1]))
+    labels = inputs.labels_for(ref.shape[1])
+    metrics = compare(ref, cand, None if labels is None else labels[:len(ref)])
     return Verification(metrics, gate, gate_failures(metrics, gate), inputs.description, sizes)

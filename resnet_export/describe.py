@@ -1,0 +1,67 @@
+"""What an artifact is: I/O, op mix, precision, Q/DQ and BatchNorm counts, and its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import OnnxError
+from .manifest import manifest_path
+
+
+def describe(artifact: str | Path) -> dict:
+    """A JSON-ready description of an ``.onnx`` file or a TensorRT plan."""
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise OnnxError(f"{artifact} not found")
+    sidecar = manifest_path(artifact)
+    manifest = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    if artifact.suffix == ".onnx":
+        return {"artifact": str(artifact), **_describe_onnx(artifact), "manifest": manifest}
+    return {"artifact": str(artifact), "engine": _describe_engine(artifact), "manifest": manifest}
+
+
+def _describe_onnx(path: Path) -> dict:
+    import onnx
+
+    from .export import load_onnx, op_counts, read_metadata
+    from .precision import qdq_summary
+
+    model = load_onnx(path)
+
+    def io(values):
+        return [{"name": v.name, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    initializers = {i.name for i in model.graph.initializer}
+    metadata = read_metadata(model)
+    return {
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": io(i for i in model.graph.input if i.name not in initializers),
+        "outputs": io(model.graph.output),
+        "precision": metadata.get("precision", {"dtype": "fp32"}),
+        "counts": qdq_summary(model),
+        "ops": dict(op_counts(model).most_common()),
+        "preprocessing": {k: v for k, v in metadata.get("preprocessing", {}).items() if k != "class_names"},
+    }
+
+
+def _describe_engine(path: Path) -> dict:
+    from .trt import TrtRunner, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        return {"unavailable": f"engine details need TensorRT and a GPU: {reason}"}
+    import tensorrt as trt
+
+    runner = TrtRunner(path)
+    engine = runner.engine
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inspector = engine.create_engine_inspector()
+    layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return {
+        "io": [{"name": n, "mode": str(engine.get_tensor_mode(n)), "dtype": str(engine.get_tensor_dtype(n)),
+                "shape": list(engine.get_tensor_shape(n))} for n in names],
+        "profile": [list(s) for s in engine.get_tensor_profile_shape(runner.input_name, 0)],
+        "layers": layers,
+    }

@@ -1,0 +1,135 @@
+"""TensorRT layer: pure logic here; real builds where TensorRT and a GPU exist (marked, skipped otherwise)."""
+
+import json
+
+import pytest
+import torch
+
+from resnet_export.errors import EXIT_TRT_UNAVAILABLE
+from resnet_export.trt import (
+    BatchProfile,
+    EngineError,
+    check_profile,
+    incompatibility,
+    onnx_io,
+    read_timing_cache,
+    unavailable_reason,
+    write_timing_cache,
+)
+
+from .conftest import IMAGES
+from .test_cli import assert_one_line_error, run
+
+REASON = unavailable_reason()
+skip_without_trt = pytest.mark.skipif(REASON is not None, reason=f"needs TensorRT and a CUDA GPU: {REASON}")
+
+BUILT = {"tensorrt": "10.13.3", "compute_capability": "8.9", "gpu": "NVIDIA L4", "options": {}}
+
+
+def test_profile_validation():
+    assert check_profile(BatchProfile(1, 8, 32), None) == BatchProfile(1, 8, 32)
+    with pytest.raises(EngineError, match="need 1 <= --min-batch <= --opt-batch <= --max-batch"):
+        check_profile(BatchProfile(4, 2, 32), None)
+    assert check_profile(BatchProfile(), 4) == BatchProfile(4, 4, 4)  # a fixed batch pins the profile
+    with pytest.raises(EngineError, match="fixed batch of 4"):
+        check_profile(BatchProfile(1, 2, 8), 4)
+
+
+def test_onnx_io_reads_the_input(resnet18_onnx):
+    assert onnx_io(resnet18_onnx.path) == ("input", None, (3, 64, 64))
+
+
+def test_same_machine_is_compatible():
+    assert incompatibility(BUILT, {**BUILT, "gpu": "NVIDIA L4"}) is None
+
+
+def test_mismatch_messages_say_both_sides():
+    message = incompatibility(BUILT, {"tensorrt": "11.4.0", "compute_capability": "9.0", "gpu": "NVIDIA H100"})
+    assert message == ("built with TensorRT 10.13.3 on compute capability 8.9 (NVIDIA L4), running TensorRT 11.4.0 "
+                       "on compute capability 9.0 (NVIDIA H100): TensorRT and GPU mismatch")
+    assert incompatibility(BUILT, {**BUILT, "tensorrt": "10.13.4"}).endswith("TensorRT mismatch")
+    assert incompatibility(BUILT, {**BUILT, "compute_capability": "8.6"}).endswith("GPU mismatch")
+
+
+def test_compatibility_options_widen_what_runs():
+    built = {**BUILT, "options": {"version_compatible": True, "hardware_compatible": True}}
+    assert incompatibility(built, {**BUILT, "tensorrt": "10.14.1", "compute_capability": "9.0"}) is None
+    assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "11.0.0"})
+    assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "10.12.0"})
+    assert "GPU mismatch" in incompatibility(built, {**BUILT, "compute_capability": "7.5"})
+
+
+def test_timing_cache_files(tmp_path):
+    cache = tmp_path / "timing.cache"
+    assert read_timing_cache(None) == b"" and read_timing_cache(cache) == b""
+    write_timing_cache(cache, b"\x01\x02tactics")
+    assert read_timing_cache(cache) == b"\x01\x02tactics"
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+
+
+@pytest.mark.skipif(REASON is None, reason="TensorRT and a GPU are present")
+def test_verify_a_plan_without_tensorrt_exits_4(tmp_path):
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"not built here")
+    (tmp_path / "x.plan.json").write_text(json.dumps({"precision": {"dtype": "fp16"}}))
+    result = run("verify", plan, "--arch", "resnet18", "--num-classes", "5", "--input-size", "64")
+    assert_one_line_error(result, "cannot run", code=EXIT_TRT_UNAVAILABLE)
+
+
+def test_trt_rejects_an_inconsistent_profile_before_any_work(tmp_path):
+    result = run("trt", "--arch", "resnet18", "--min-batch", "8", "--opt-batch", "4", "-o", tmp_path / "x.plan")
+    assert_one_line_error(result, "inconsistent batch profile min=8 opt=4 max=32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_command_on_onnx(resnet18_onnx, resnet18_small, tmp_path):
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(resnet18_small.module.state_dict(), checkpoint)
+    args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--images", IMAGES]
+    result = run("verify", resnet18_onnx.path, *args, "--weights", checkpoint)
+    assert result.exit_code == 0, result.output
+    assert "FP32 vs PyTorch on 6 images" in result.stdout and "PASS" in result.stdout
+    other = run("verify", resnet18_onnx.path, *args, "--seed", "7")  # another (random) model
+    assert_one_line_error(other, "failed the FP32 gate", code=3)
+
+
+def test_inspect_onnx(resnet18_onnx):
+    result = run("inspect", resnet18_onnx.path)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["counts"]["batchnorms"] == 0 and info["inputs"][0]["shape"] == ["batch", 3, 64, 64]
+    assert info["manifest"]["verification"]["passed"]
+
+
+# --------------------------------------------------------------------------- real TensorRT
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, resnet18_small):
+    """resnet18 engines in FP32, FP16 and INT8, built through the CLI's own pipeline."""
+    from resnet_export.pipeline import engine_from_onnx, onnx_from_model, precision_from_onnx
+    from resnet_export.runners import TorchRunner
+
+    folder = tmp_path_factory.mktemp("engines")
+    reference = TorchRunner(resnet18_small.module)
+    fp32 = onnx_from_model(resnet18_small, folder / "fp32.onnx", images=IMAGES).path
+    onnx_files = {
+        "fp32": fp32,
+        "fp16": precision_from_onnx(fp32, folder / "fp16.onnx", "fp16", reference=reference).path,
+        "int8": precision_from_onnx(fp32, folder / "int8.onnx", "int8", IMAGES, "trt", reference=reference).path,
+    }
+    profile = BatchProfile(1, 4, 8)
+    return {p: engine_from_onnx(path, folder / f"{p}.plan", profile, reference=reference) for p, path in onnx_files.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_engine_builds_runs_and_verifies(engines, precision):
+    result = engines[precision]
+    assert result.verification.passed and result.verification.batch_sizes == [1, 8]
+    manifest = json.loads(result.path.with_name(result.path.name + ".json").read_text())
+    assert manifest["precision"]["dtype"] == precision and manifest["compute_capability"]
+    assert manifest["verification"]["passed"] and manifest["profile"]["max"][0] == 8
+
