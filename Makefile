@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-ci bench clean
 
 install: $(STAMP)
 
@@ -25,3 +25,13 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# The short CPU benchmark CI runs after the tests; it prints its Markdown report.
+bench-ci: $(STAMP)
+	$(BIN)/resnet-export bench --arch resnet18 --backends torch,ort,openvino --precisions fp32,int8 \
+		--batch-sizes 1,8 --warmup 3 --min-time 1 --threads 2 --report $(OUT)/bench-ci
+
+# The full CPU matrix on resnet50 (several minutes); see benchmarks/README.md for GPUs.
+bench: $(STAMP)
+	$(BIN)/resnet-export bench --arch resnet50 --backends torch,ort,openvino --precisions fp32,fp16,int8 \
+		--batch-sizes 1,8,32 --min-time 5 --threads $$(nproc) --report benchmarks/results/resnet50-cpu

@@ -303,12 +303,14 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
 @click.argument("artifact", type=click.Path(path_type=Path))
 @model_options
 @click.option("--images", type=click.Path(path_type=Path), help="Verify on these images (ImageFolder layout gives labels).")
-def verify_command(artifact, load, seed, images):
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Gate to apply (default: the precision the artifact records).")
+def verify_command(artifact, load, seed, images, precision):
     """Compare an ONNX file or a TensorRT plan with the PyTorch model, using its precision's gate."""
     from .pipeline import verify_artifact
 
     loaded = load()
-    precision, v = verify_artifact(artifact, loaded, images, seed)
+    precision, v = verify_artifact(artifact, loaded, images, seed, precision)
     click.echo(f"{artifact}: {precision.upper()} vs PyTorch on {v.inputs}: {v.summary()}: PASS")
 
 
@@ -319,3 +321,37 @@ def inspect(artifact):
     from .describe import describe
 
     click.echo(json.dumps(describe(artifact), indent=2, default=str))
+
+
+@main.command()
+@model_options
+@click.option("--backends", default="torch,ort", show_default=True,
+              help="Comma-separated: torch, ort, ort-cuda, ort-trt, trt, openvino.")
+@click.option("--precisions", default="fp32,int8", show_default=True, help="Comma-separated: fp32, fp16, int8.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated positive integers.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--iters", type=click.IntRange(min=1), help="Timed runs per row (default: as many as --min-time allows).")
+@click.option("--min-time", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds of timed runs per row.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch, ONNX Runtime and OpenVINO.")
+@click.option("--calib", type=click.Path(path_type=Path), help="INT8 calibration images (default: seeded random inputs).")
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Report folder: report.json, report.md, throughput.png, latency.png; artifacts/ inside.")
+def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, threads, calib, calib_size, report):
+    """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
+    from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, run_matrix, write_reports
+    from .data import calibration_split
+    from .manifest import check_writable_dir
+
+    backends = parse_list(backends, BACKENDS, "backend")
+    precisions = parse_list(precisions, PRECISIONS, "precision")
+    settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads)
+    check_writable_dir(report)  # its parent must exist and take new files
+    report.mkdir(exist_ok=True)
+    check_writable_dir(report / "report.json")
+    loaded = load()
+    calibration = calibration_split(calib, loaded.preprocessing, calib_size, seed)[0].array if calib else None
+    rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
+    paths = write_reports(rows, env, loaded.name, report)
+    click.echo(paths["report.md"].read_text())
+    click.echo(f"Reports: {', '.join(str(p) for p in paths.values())}")

@@ -430,7 +430,7 @@ def _import_target(target: str):
 def _warn_random(seed: int) -> None:
     warnings.warn(
         f"no --weights given: using random initialisation (seed {seed}); "
-        "the artifacts are verified but will not classify anything",
+        "its outputs mean nothing as classes (verification still compares like with like)",
         ResnetExportWarning,
         stacklevel=3,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .console import step, warn
@@ -297,7 +296,7 @@ class EngineResult:
 
 
 def engine_from_onnx(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
-                     options: BuildOptions = BuildOptions(), reference: Runner | None = None,
+                     options: BuildOptions | None = None, reference: Runner | None = None,
                      inputs: Inputs | None = None, seed: int = 0) -> EngineResult:
     """Build the engine, verify it at batch 1 and the profile maximum, and write ``output.json``.
 
@@ -322,19 +321,22 @@ def artifact_precision(artifact: str | Path) -> str:
         return read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
     manifest = load_manifest(artifact)
     if manifest is None:
-        raise OnnxError(f"{artifact} has no manifest: cannot tell its precision (expected {artifact}.json)")
+        raise OnnxError(f"{artifact} has no manifest ({artifact.name}.json) to tell its precision: pass --precision")
     return manifest["precision"].get("dtype", "fp32")
 
 
 def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Path | None = None,
-                    seed: int = 0) -> tuple[str, Verification]:
-    """Compare an ONNX file or a plan with the PyTorch model using its precision's gate."""
+                    seed: int = 0, precision: str | None = None) -> tuple[str, Verification]:
+    """Compare an ONNX file or a plan with the PyTorch model using its precision's gate.
+
+    The precision comes from the artifact (ONNX metadata, plan manifest) unless ``precision`` is given.
+    """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):
         raise OnnxError(f"{artifact}: expected an .onnx file or a TensorRT .plan")
     if not artifact.is_file():
         raise OnnxError(f"{artifact} not found")
-    precision = artifact_precision(artifact)
+    precision = precision or artifact_precision(artifact)
     candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
     inputs = verification_inputs(loaded, images, seed=seed)
     with step(f"Verifying {artifact.name} against PyTorch on {inputs.description}"):

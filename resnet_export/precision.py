@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -165,8 +166,12 @@ def quantize_int8(
         quantized = work / "int8.onnx"
         passes = 2 if (target == "trt" and method == "percentile") else 1
         total = passes * -(-len(calibration) // CALIB_BATCH)
+        start = time.perf_counter()
         _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude)),
                       f"Calibrating INT8 ({target}, {method})", total, f"INT8 quantization of {source} failed")
+        record["calibration_seconds"] = round(time.perf_counter() - start, 1)
+        console.print(f"Calibrated and quantized INT8 ({target}, {method}) on {len(calibration)} samples "
+                      f"in {record['calibration_seconds']} s", soft_wrap=True)
         if target == "trt":
             record["high_precision_dtype"] = "fp16"
         _save_with_metadata(onnx.load(str(quantized)), source, output, record)

@@ -190,13 +190,15 @@ def _strongly_typed_network(builder, onnx_path: Path, logger):
 
 
 def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
-                 options: BuildOptions = BuildOptions()) -> dict:
+                 options: BuildOptions | None = None) -> dict:
     """Build a strongly typed engine from ``onnx_path`` into ``output``; returns its manifest record.
 
     The caller writes the manifest (``engine_from_onnx`` adds the verification to it).
     """
     require_tensorrt(f"build {output}")
     import tensorrt as trt
+
+    options = options or BuildOptions()
 
     from .console import step
     from .export import read_metadata

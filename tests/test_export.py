@@ -1,7 +1,6 @@
 """FP32 ONNX export and its verification against PyTorch."""
 
 import json
-import warnings
 
 import numpy as np
 import onnx

@@ -1,0 +1,478 @@
+"""Benchmark harness: latency and throughput per backend x precision x batch, checked against PyTorch.
+
+Every row carries the speed (p50/p90/p99/mean latency, images/s) next to the agreement of its
+outputs with PyTorch FP32 on the same batch, so a fast wrong artifact is visible. A backend that is
+unavailable is a skipped row with the reason; one that fails mid-run is an error row, and the rest of
+the matrix still runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .console import console, warn
+from .errors import ResnetExportError, first_line
+from .manifest import library_versions
+from .models import LoadedModel
+from .verify import compare
+
+SCHEMA_VERSION = 1
+BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "openvino")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class BenchError(ResnetExportError):
+    """Bad benchmark options."""
+
+
+@dataclass
+class Settings:
+    """How to time: warm-up runs, then ``iters`` runs or as many as fit in ``min_time`` seconds."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    warmup: int = 5
+    iters: int | None = None
+    min_time: float = 2.0
+    threads: int | None = None
+
+
+@dataclass
+class Row:
+    """One backend x precision x batch measurement (or the reason there is none)."""
+
+    backend: str
+    precision: str
+    batch: int
+    status: str = "ok"  # ok | skipped | error
+    reason: str | None = None
+    timing: str | None = None  # what the clock covers
+    iterations: int = 0
+    latency_ms: dict = field(default_factory=dict)  # p50, p90, p99, mean
+    throughput: float | None = None  # images/s
+    speedup_vs_torch: float | None = None
+    top1_agreement: float | None = None
+    max_abs_err: float | None = None
+
+
+def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Split a comma-separated option; unknown names are a one-line error listing the valid ones."""
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = [item for item in items if item not in valid]
+    if unknown or not items:
+        raise BenchError(f"unknown {what} {', '.join(unknown) or repr(text)}; valid: {', '.join(valid)}")
+    return items
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``1,8,32`` -> (1, 8, 32); anything but positive integers is a one-line error."""
+    try:
+        sizes = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise BenchError(f"batch sizes must be positive integers, comma-separated; got '{text}'")
+    return sizes
+
+
+def latency_stats(seconds: list[float], batch: int) -> tuple[dict, float]:
+    """Percentiles and mean in milliseconds, and throughput in images per second."""
+    ms = np.asarray(seconds) * 1e3
+    stats = {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+             "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
+    return stats, batch / (stats["mean"] / 1e3)
+
+
+def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[Callable], float] | None = None) -> list[float]:
+    """Warm up, then time ``call`` per iteration (``clock`` times one call; wall clock by default)."""
+    clock = clock or _wall_clock
+    for _ in range(settings.warmup):
+        call()
+    timings: list[float] = []
+    start = time.perf_counter()
+    while True:
+        timings.append(clock(call))
+        if settings.iters is not None:
+            if len(timings) >= settings.iters:
+                break
+        elif time.perf_counter() - start >= settings.min_time and len(timings) >= 3:
+            break
+    return timings
+
+
+def _wall_clock(call: Callable) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def cuda_event_clock(call: Callable) -> float:
+    """Time one call with CUDA events around it (device work only, synchronised)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def environment(threads: int | None) -> dict:
+    """CPU, cores, GPU, threads and library versions of this run."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "versions": library_versions("torch", "onnxruntime-gpu", "onnxruntime", "tensorrt", "openvino", "nvidia-modelopt"),
+    }
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def backend_unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None."""
+    import onnxruntime as ort
+    import torch
+
+    providers = ort.get_available_providers()
+    if backend in ("ort-cuda", "ort-trt", "trt") and not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in providers:
+        return "ONNX Runtime has no CUDAExecutionProvider here"
+    if backend == "ort-trt" and "TensorrtExecutionProvider" not in providers:
+        return "ONNX Runtime has no TensorrtExecutionProvider here"
+    if backend == "trt":
+        from .trt import unavailable_reason
+
+        return unavailable_reason()
+    if backend == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return "OpenVINO is not installed (pip install 'resnet-export[openvino]')"
+    return None
+
+
+def precision_unsupported(backend: str, precision: str) -> str | None:
+    """Why a backend does not run a precision at all (a stated gap, never a silent one)."""
+    import torch
+
+    if backend == "torch" and precision == "int8":
+        return "PyTorch eager has no INT8 inference path in this toolkit (use ort or trt)"
+    if backend == "torch" and precision == "fp16" and not torch.cuda.is_available():
+        return "PyTorch eager FP16 runs on the GPU only"
+    return None
+
+
+class Artifacts:
+    """Builds or reuses the ONNX files and engines a matrix needs, under ``folder``."""
+
+    def __init__(self, loaded: LoadedModel, folder: Path, calibration: np.ndarray, seed: int = 0):
+        key = hashlib.sha256(json.dumps([loaded.source, loaded.preprocessing.to_dict()], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:12]
+        self.folder = folder / f"{loaded.name.replace('/', '_').replace(':', '_')}-{key}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.loaded, self.calibration, self.seed = loaded, calibration, seed
+
+    def onnx(self, precision: str, target: str) -> Path:
+        """The ONNX for ``precision``; INT8 for ``target`` (cpu or trt), FP16/INT8 from the FP32 file."""
+        from .pipeline import onnx_from_model
+        from .precision import quantize_int8, to_fp16
+
+        fp32 = self.folder / "fp32.onnx"
+        if not fp32.is_file():
+            onnx_from_model(self.loaded, fp32, seed=self.seed)
+        if precision == "fp32":
+            return fp32
+        path = self.folder / (f"int8-{target}.onnx" if precision == "int8" else "fp16.onnx")
+        if not path.is_file():
+            if precision == "fp16":
+                to_fp16(fp32, path)
+            else:
+                quantize_int8(fp32, path, self.calibration, target)
+        return path
+
+    def engine(self, precision: str, max_batch: int) -> Path:
+        from .pipeline import engine_from_onnx
+        from .trt import BatchProfile, BuildOptions
+
+        plan = self.folder / f"{precision}-b{max_batch}.plan"
+        if not plan.is_file():
+            engine_from_onnx(self.onnx(precision, "trt"), plan, BatchProfile(1, max_batch, max_batch),
+                             BuildOptions(timing_cache=str(self.folder / "timing.cache")))
+        return plan
+
+
+def _ort_runner(path: Path, providers: list, threads: int | None):
+    from .runners import OrtRunner
+
+    return OrtRunner(path, providers=providers, threads=threads)
+
+
+class OpenVinoRunner:
+    """An ONNX file compiled by OpenVINO for its CPU device (the CPU peer users compare against)."""
+
+    def __init__(self, path: Path, precision: str, threads: int | None):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision == "fp32":  # OpenVINO's CPU default may compute in bf16; FP32 rows compute in FP32
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.name = f"openvino:{path.name}"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.request.infer({0: batch})[0])
+
+
+def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings) -> list[tuple[str, object, Callable | None]]:
+    """(timing label, runner, device clock) for a backend x precision.
+
+    With a device clock the runner's ``infer_device`` is timed on a batch already on the GPU; the
+    TensorRT backend adds a second row timed with host-device copies.
+    """
+    from .runners import TorchRunner
+
+    threads = settings.threads
+    if backend == "torch":
+        if precision == "fp32":
+            return [("wall clock, CPU", TorchRunner(artifacts.loaded.module), None)]
+        return [("CUDA events, inputs on device", _TorchCudaRunner(artifacts.loaded.module), cuda_event_clock)]
+    if backend == "ort":
+        target = "cpu" if precision == "int8" else "trt"
+        return [("wall clock, CPU", _ort_runner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None)]
+    if backend == "ort-cuda":
+        return [("wall clock, with host-device copies",
+                 _ort_runner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None)]
+    if backend == "ort-trt":
+        return [("wall clock, with host-device copies",
+                 _ort_runner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"], threads), None)]
+    if backend == "trt":
+        from .trt import TrtRunner
+
+        runner = TrtRunner(artifacts.engine(precision, max(settings.batch_sizes)))
+        return [("CUDA events, inputs on device", runner, cuda_event_clock),
+                ("wall clock, with host-device copies", runner, None)]
+    if backend == "openvino":
+        target = "cpu" if precision == "int8" else "trt"
+        return [("wall clock, CPU", OpenVinoRunner(artifacts.onnx(precision, target), precision, threads), None)]
+    raise BenchError(f"unknown backend {backend}")
+
+
+class _TorchCudaRunner:
+    """PyTorch eager FP16 on the GPU, inputs already on the device."""
+
+    def __init__(self, module):
+        import copy
+
+        self.module = copy.deepcopy(module).half().cuda().eval()
+        self.name = "torch-cuda-fp16"
+
+    def infer_device(self, batch):
+        import torch
+
+        with torch.no_grad():
+            return self.module(batch.half())
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self.infer_device(torch.from_numpy(batch).cuda()).float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def run_matrix(
+    loaded: LoadedModel,
+    backends: tuple[str, ...],
+    precisions: tuple[str, ...],
+    settings: Settings,
+    work: Path,
+    calibration: np.ndarray | None = None,
+    seed: int = 0,
+) -> tuple[list[Row], dict]:
+    """Measure every backend x precision x batch; returns the rows and the environment."""
+    import torch
+    from rich.progress import Progress
+
+    from .runners import TorchRunner
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    rng = np.random.default_rng(seed)
+    spec = loaded.preprocessing
+    batches = {b: rng.standard_normal((b, spec.channels, *spec.input_size), dtype=np.float32)
+               for b in settings.batch_sizes}
+    if calibration is None:
+        calibration = rng.standard_normal((64, spec.channels, *spec.input_size), dtype=np.float32)
+    artifacts = Artifacts(loaded, work, calibration, seed)
+    reference = TorchRunner(loaded.module)
+    expected = {b: reference.infer(x) for b, x in batches.items()}
+    rows: list[Row] = []
+    combos = [(b, p) for b in backends for p in precisions]
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("Benchmark", total=len(combos) * len(settings.batch_sizes))
+        for backend, precision in combos:
+            progress.update(task, description=f"Benchmark {backend} {precision}")
+            reason = backend_unavailable(backend) or precision_unsupported(backend, precision)
+            if reason:
+                rows += [Row(backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
+                progress.advance(task, len(settings.batch_sizes))
+                continue
+            try:
+                runners = make_runners(backend, precision, artifacts, settings)
+            except Exception as exc:  # an artifact or session failed: an error row, the matrix goes on
+                rows += [Row(backend, precision, b, "error", first_line(exc)) for b in settings.batch_sizes]
+                progress.advance(task, len(settings.batch_sizes))
+                continue
+            for batch in settings.batch_sizes:
+                for label, runner, clock in runners:
+                    rows.append(measure(backend, precision, batch, label, runner, clock, batches[batch],
+                                         expected[batch], settings))
+                progress.advance(task)
+    _add_speedups(rows)
+    return rows, environment(settings.threads)
+
+
+def measure(backend: str, precision: str, batch: int, label: str, runner, clock, x: np.ndarray,
+            expected: np.ndarray, settings: Settings) -> Row:
+    """One row: agreement with ``expected`` on ``x``, then the timings; a failure becomes an error row."""
+    row = Row(backend, precision, batch, timing=label)
+    try:
+        metrics = compare(expected, runner.infer(x))
+        row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
+        if clock is not None:  # device-resident input; the runner's infer_device is what is timed
+            import torch
+
+            device_x = torch.from_numpy(x).cuda()
+            timings = time_calls(lambda: runner.infer_device(device_x), settings, clock)
+        else:
+            timings = time_calls(lambda: runner.infer(x), settings)
+        row.iterations = len(timings)
+        row.latency_ms, row.throughput = latency_stats(timings, batch)
+    except Exception as exc:  # a backend that crashes mid-run is recorded, the rest still runs
+        row.status, row.reason = "error", first_line(exc)
+        warn(f"{backend} {precision} batch {batch} failed: {row.reason}")
+    return row
+
+
+def _add_speedups(rows: list[Row]) -> None:
+    baseline = {r.batch: r.throughput for r in rows if r.backend == "torch" and r.precision == "fp32" and r.throughput}
+    for row in rows:
+        if row.throughput and baseline.get(row.batch):
+            row.speedup_vs_torch = row.throughput / baseline[row.batch]
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def write_reports(rows: list[Row], env: dict, model: str, folder: Path) -> dict[str, Path]:
+    """report.json, report.md, throughput.png and latency.png under ``folder`` (written atomically)."""
+    from .manifest import atomic_output, write_json
+
+    paths = {name: folder / name for name in ("report.json", "report.md", "throughput.png", "latency.png")}
+    write_json(paths["report.json"], {"schema_version": SCHEMA_VERSION, "model": model, "environment": env,
+                                      "rows": [asdict(r) for r in rows]})
+    with atomic_output(paths["report.md"]) as tmp:
+        tmp.write_text(markdown_report(rows, env, model))
+    for name, draw in (("throughput.png", _throughput_chart), ("latency.png", _latency_chart)):
+        with atomic_output(paths[name]) as tmp:
+            draw(rows, model, tmp)
+    return paths
+
+
+def markdown_report(rows: list[Row], env: dict, model: str) -> str:
+    """A table a person can read: latency, throughput, speed-up over PyTorch eager, agreement."""
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [
+        f"# Benchmark: {model}",
+        "",
+        f"CPU: {env['cpu']} ({env['cores']} cores), threads: {env['threads']}, GPU: {env['gpu'] or 'none'}",
+        f"Versions: {versions}",
+        "",
+        "| backend | precision | batch | timing | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs torch fp32 | top-1 agree | max abs err |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} | | | | | | | | |")
+            continue
+        lat = r.latency_ms
+        speedup = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else ""
+        lines.append(
+            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+            f"{lat['p99']:.2f} | {lat['mean']:.2f} | {r.throughput:.1f} | {speedup} | {r.top1_agreement:.1%} | "
+            f"{r.max_abs_err:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _series(rows: list[Row]) -> dict[str, list[Row]]:
+    series: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.status == "ok":
+            series.setdefault(f"{r.backend} {r.precision} ({r.timing})", []).append(r)
+    return series
+
+
+def _throughput_chart(rows: list[Row], model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in _series(rows).items():
+        ax.plot([r.batch for r in points], [r.throughput for r in points], marker="o", label=label)
+    ax.set(xlabel="batch size", ylabel="images / s", title=f"{model}: throughput")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(sorted({r.batch for r in rows}), labels=[str(b) for b in sorted({r.batch for r in rows})])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _latency_chart(rows: list[Row], model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(ok)), 5))
+    x = np.arange(len(ok))
+    for offset, key in zip((-0.25, 0, 0.25), ("p50", "p90", "p99")):
+        ax.bar(x + offset, [r.latency_ms[key] for r in ok], width=0.25, label=key)
+    ax.set_xticks(x, labels=[f"{r.backend}\n{r.precision} b{r.batch}" for r in ok], fontsize=7)
+    ax.set(ylabel="latency (ms)", title=f"{model}: latency percentiles", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""The benchmark harness on a tiny model: rows, stated gaps, error rows, reports."""
+
+import json
+
+import numpy as np
+import pytest
+
+from resnet_export.bench import (
+    BenchError,
+    Settings,
+    latency_stats,
+    measure,
+    parse_batch_sizes,
+    parse_list,
+    run_matrix,
+    write_reports,
+    BACKENDS,
+)
+
+from .conftest import loaded
+from .test_cli import assert_one_line_error, run
+
+
+def test_option_parsing():
+    assert parse_list("torch, ort", BACKENDS, "backend") == ("torch", "ort")
+    with pytest.raises(BenchError, match="unknown backend tensorflow; valid: torch, ort, ort-cuda, ort-trt, trt, openvino"):
+        parse_list("torch,tensorflow", BACKENDS, "backend")
+    assert parse_batch_sizes("1,8,32") == (1, 8, 32)
+    for bad in ("0", "1,a", "", "-4"):
+        with pytest.raises(BenchError, match="positive integers"):
+            parse_batch_sizes(bad)
+
+
+def test_latency_stats():
+    stats, throughput = latency_stats([0.010, 0.020, 0.030, 0.040], batch=8)
+    assert stats["p50"] == pytest.approx(25.0) and stats["mean"] == pytest.approx(25.0)
+    assert stats["p99"] == pytest.approx(39.7) and throughput == pytest.approx(320.0)
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    model = loaded(arch="resnet18", num_classes=10, input_size=(32, 32))
+    folder = tmp_path_factory.mktemp("bench")
+    settings = Settings(batch_sizes=(1, 4), warmup=1, iters=3, threads=2)
+    rows, env = run_matrix(model, ("torch", "ort", "openvino", "trt"), ("fp32", "int8"), settings, folder / "artifacts")
+    return model, folder, rows, env
+
+
+def _row(rows, backend, precision, batch):
+    return next(r for r in rows if (r.backend, r.precision, r.batch) == (backend, precision, batch))
+
+
+def test_matrix_measures_and_checks_every_row(matrix):
+    _, _, rows, env = matrix
+    for backend in ("torch", "ort", "openvino"):
+        row = _row(rows, backend, "fp32", 4)
+        assert row.status == "ok" and row.iterations == 3 and row.throughput > 0
+        assert row.top1_agreement == 1.0 and row.latency_ms["p50"] > 0
+    int8 = _row(rows, "ort", "int8", 4)
+    assert int8.status == "ok" and int8.top1_agreement is not None and int8.speedup_vs_torch > 0
+    assert _row(rows, "torch", "fp32", 1).speedup_vs_torch == 1.0
+    assert env["threads"] == 2 and env["versions"]["torch"]
+
+
+def test_gaps_are_stated(matrix):
+    _, _, rows, _ = matrix
+    torch_int8 = _row(rows, "torch", "int8", 1)
+    assert torch_int8.status == "skipped" and "no INT8" in torch_int8.reason
+    trt = _row(rows, "trt", "fp32", 1)
+    assert trt.status in ("skipped", "ok") and (trt.status == "ok" or trt.reason)
+
+
+def test_artifacts_are_reused(matrix):
+    _, folder, _, _ = matrix
+    (artifact_dir,) = (folder / "artifacts").iterdir()
+    assert {"fp32.onnx", "int8-cpu.onnx"} <= {p.name for p in artifact_dir.iterdir()}
+
+
+class _Crashes:
+    name = "crashes"
+
+    def infer(self, batch):
+        raise RuntimeError("device lost")
+
+
+def test_a_crash_is_an_error_row():
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    row = measure("ort", "fp32", 1, "wall clock", _Crashes(), None, x, np.zeros((1, 10)), Settings(iters=1))
+    assert row.status == "error" and row.reason == "device lost"
+
+
+def test_reports(matrix, tmp_path):
+    model, _, rows, env = matrix
+    paths = write_reports(rows, env, model.name, tmp_path)
+    data = json.loads(paths["report.json"].read_text())
+    assert data["schema_version"] == 1 and len(data["rows"]) == len(rows)
+    md = paths["report.md"].read_text()
+    assert "| backend | precision | batch |" in md and "| torch | int8 | 1 | skipped: PyTorch eager has no INT8" in md
+    for name in ("throughput.png", "latency.png"):
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backends", "torch,tensorflow"], "unknown backend tensorflow"),
+        (["--precisions", "fp64"], "unknown precision fp64"),
+        (["--batch-sizes", "0,8"], "positive integers"),
+    ],
+)
+def test_bench_option_errors(tmp_path, args, message):
+    assert_one_line_error(run("bench", *args, "--report", tmp_path / "r"), message)
+
+
+def test_bench_unwritable_report(tmp_path):
+    assert_one_line_error(run("bench", "--report", "/proc/resnet-export-report"), "is not writable")
