@@ -109,9 +109,14 @@ def model_options(command):
 
         return command(load=load, seed=seed, **kwargs)
 
-    for option in reversed(MODEL_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+    return _with_options(MODEL_OPTIONS, wrapper)
+
+
+def _with_options(options, command):
+    """Apply click options in the order listed (the first shows first in --help)."""
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def _output_option(suffix: str):
@@ -187,9 +192,7 @@ def precision_options(command):
         click.option("--min-agreement", type=click.FloatRange(0, 1), help="INT8 top-1 agreement to reach; keeps sensitive convs in higher precision until met."),
         click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="INT8 accuracy drop (points) to stay under; same search as --min-agreement."),
     )
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(options, command)
 
 
 def _precision(fp16: bool, int8: bool, calib, required: bool) -> str:
@@ -254,47 +257,23 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
         min_batch, opt_batch, max_batch, workspace, timing_cache, builder_opt_level, version_compatible,
         hardware_compat, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
-    import tempfile
-
-    from .manifest import check_writable_dir
-    from .pipeline import engine_from_onnx, onnx_from_model, precision_from_onnx, verification_inputs
-    from .runners import OrtRunner, TorchRunner
-    from .trt import BatchProfile, BuildOptions, TensorRTUnavailable, check_profile, unavailable_reason
+    from .pipeline import trt_from_source
+    from .trt import BatchProfile, BuildOptions, check_profile
 
     precision = _precision(fp16, int8, calib, required=False)
-    check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
-    check_writable_dir(output)
-    side_onnx = output.with_suffix(".onnx")
+    profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
                            version_compatible, hardware_compat)
-    with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
-        loaded = reference = None
-        fp32 = onnx_path
-        if fp32 is None:
-            loaded = load()
-            reference = TorchRunner(loaded.module)
-            fp32 = side_onnx if precision == "fp32" else Path(work) / "fp32.onnx"
-            result = onnx_from_model(loaded, fp32, images=val, seed=seed)
-            click.echo(f"{loaded.name} -> FP32 ONNX: {result.verification.summary()}: PASS")
-        if precision != "fp32":
-            result = precision_from_onnx(fp32, side_onnx, precision, calib, "trt", calib_method, calib_size, seed, val,
-                                         reference, min_agreement, max_accuracy_drop)
-            click.echo(f"{side_onnx}: {_precision_line(result)}")
-        elif onnx_path is not None:
-            side_onnx = onnx_path
-        if onnx_only:
-            click.echo(f"{side_onnx} written; --onnx-only: no engine built")
-            return
-        reason = unavailable_reason()
-        if reason:
-            raise TensorRTUnavailable(
-                f"cannot build {output}: {reason}. {side_onnx} is kept; build the engine on a machine with TensorRT "
-                f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
-            )
-        inputs = verification_inputs(loaded, val, seed=seed) if loaded else None
-        result = engine_from_onnx(side_onnx, output, BatchProfile(min_batch, opt_batch, max_batch), options,
-                                  reference or OrtRunner(fp32), inputs, seed)
-    record, v = result.record, result.verification
+    result = trt_from_source(None if onnx_path else load, onnx_path, output, precision, calib, calib_method,
+                             calib_size, seed, val, min_agreement, max_accuracy_drop, profile, options, onnx_only)
+    if result.fp32:
+        click.echo(f"{result.fp32.path.name}: FP32 ONNX vs PyTorch: {result.fp32.verification.summary()}: PASS")
+    if result.precision:
+        click.echo(f"{result.onnx}: {_precision_line(result.precision)}")
+    if result.engine is None:
+        click.echo(f"{result.onnx} written; --onnx-only: no engine built")
+        return
+    record, v = result.engine.record, result.engine.verification
     click.echo(f"{output}: {record['precision']['dtype'].upper()} engine, TensorRT {record['tensorrt']} on "
                f"{record['gpu']} (built in {record['build_seconds']} s); vs {v.inputs}: {v.summary()}: PASS")
 
@@ -341,13 +320,16 @@ def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
     from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, run_matrix, write_reports
     from .data import calibration_split
+    from .errors import OutputError
     from .manifest import check_writable_dir
 
     backends = parse_list(backends, BACKENDS, "backend")
     precisions = parse_list(precisions, PRECISIONS, "precision")
     settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads)
-    check_writable_dir(report)  # its parent must exist and take new files
-    report.mkdir(exist_ok=True)
+    try:
+        report.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"report directory {report} is not writable ({exc.strerror})") from exc
     check_writable_dir(report / "report.json")
     loaded = load()
     calibration = calibration_split(calib, loaded.preprocessing, calib_size, seed)[0].array if calib else None

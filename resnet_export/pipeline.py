@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,7 +19,7 @@ from .models import LoadedModel, Preprocessing, run_forward
 from .precision import PrecisionError, check_method, qdq_summary, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .sensitivity import rank_quantized_convs
-from .trt import BatchProfile, BuildOptions, TrtRunner, build_engine, load_manifest
+from .trt import BatchProfile, BuildOptions, TensorRTUnavailable, TrtRunner, build_engine, load_manifest, unavailable_reason
 from .verify import GATES, Verification, verify
 
 #: Largest relative error (to max |logit|) the PyTorch-level fold may introduce.
@@ -345,3 +347,63 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Pat
     if not verification.passed:
         raise GateFailed(f"{artifact} failed the {precision.upper()} gate: {'; '.join(verification.failures)}")
     return precision, verification
+
+
+@dataclass
+class TrtResult:
+    """What ``trt_from_source`` produced: the ONNX kept beside the plan and each stage's result."""
+
+    onnx: Path
+    fp32: OnnxResult | None
+    precision: PrecisionResult | None
+    engine: EngineResult | None
+
+
+def trt_from_source(
+    load: Callable[[], LoadedModel] | None,
+    onnx_path: str | Path | None,
+    output: str | Path,
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    calib_method: str | None = None,
+    calib_size: int = 512,
+    seed: int = 0,
+    val: str | Path | None = None,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
+    profile: BatchProfile = BatchProfile(),
+    options: BuildOptions | None = None,
+    onnx_only: bool = False,
+) -> TrtResult:
+    """``resnet-export trt``: export (from ``load()``) or take ``onnx_path``, convert for TensorRT, build.
+
+    The precision ONNX is kept as ``OUTPUT.onnx``. Where TensorRT or a GPU is missing it raises
+    TensorRTUnavailable (exit code 4) after writing that ONNX; ``onnx_only`` stops there on purpose.
+    """
+    output = Path(output)
+    check_writable_dir(output)
+    side_onnx = output.with_suffix(".onnx")
+    loaded = reference = fp32_result = precision_result = None
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
+        fp32 = Path(onnx_path) if onnx_path else None
+        if load is not None:
+            loaded = load()
+            reference = TorchRunner(loaded.module)
+            fp32 = side_onnx if precision == "fp32" else Path(work) / "fp32.onnx"
+            fp32_result = onnx_from_model(loaded, fp32, images=val, seed=seed)
+        if precision != "fp32":
+            precision_result = precision_from_onnx(fp32, side_onnx, precision, calib, "trt", calib_method, calib_size,
+                                                   seed, val, reference, min_agreement, max_accuracy_drop)
+        else:
+            side_onnx = fp32
+        if onnx_only:
+            return TrtResult(side_onnx, fp32_result, precision_result, None)
+        reason = unavailable_reason()
+        if reason:
+            raise TensorRTUnavailable(
+                f"cannot build {output}: {reason}. {side_onnx} is kept; build the engine on a machine with TensorRT "
+                f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
+            )
+        inputs = verification_inputs(loaded, val, seed=seed) if loaded else None
+        engine = engine_from_onnx(side_onnx, output, profile, options, reference or OrtRunner(fp32), inputs, seed)
+    return TrtResult(side_onnx, fp32_result, precision_result, engine)

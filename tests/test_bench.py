@@ -114,3 +114,12 @@ def test_bench_option_errors(tmp_path, args, message):
 
 def test_bench_unwritable_report(tmp_path):
     assert_one_line_error(run("bench", "--report", "/proc/resnet-export-report"), "is not writable")
+
+
+def test_bench_command_prints_its_report(tmp_path):
+    report = tmp_path / "nested" / "report"
+    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,ort",
+                 "--precisions", "fp32", "--batch-sizes", "1", "--warmup", "0", "--iters", "2", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "| torch | fp32 | 1 | wall clock, CPU |" in result.stdout and "| ort | fp32 | 1 |" in result.stdout
+    assert (report / "report.json").is_file() and (report / "latency.png").is_file()
