@@ -147,7 +147,7 @@ def image_inputs(directory: str | Path, spec: Preprocessing, limit: int | None =
 
 
 def calibration_split(
-    directory: str | Path, spec: Preprocessing, size: int, seed: int = 0, held_out_limit: int = 1000
+    directory: str | Path, spec: Preprocessing, size: int, seed: int = 0, held_out_limit: int = 500
 ) -> tuple[Inputs, Inputs | None]:
     """Pick ``size`` images of ``directory`` for calibration (seeded) and hold the rest out for checks.
 

@@ -24,7 +24,7 @@ def describe(artifact: str | Path) -> dict:
 def _describe_onnx(path: Path) -> dict:
     import onnx
 
-    from .export import load_onnx, op_counts, read_metadata
+    from .export import graph_inputs, load_onnx, op_counts, read_metadata
     from .precision import qdq_summary
 
     model = load_onnx(path)
@@ -33,11 +33,10 @@ def _describe_onnx(path: Path) -> dict:
         return [{"name": v.name, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
                  "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
-    initializers = {i.name for i in model.graph.initializer}
     metadata = read_metadata(model)
     return {
         "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-        "inputs": io(i for i in model.graph.input if i.name not in initializers),
+        "inputs": io(graph_inputs(model)),
         "outputs": io(model.graph.output),
         "precision": metadata.get("precision", {"dtype": "fp32"}),
         "counts": qdq_summary(model),

@@ -111,6 +111,18 @@ def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from exc
 
 
+def graph_inputs(model: onnx.ModelProto) -> list:
+    """The model's real inputs (old exporters also list initializers as graph inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def input_dims(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """Name and dims (None where dynamic) of the model's first input."""
+    first = graph_inputs(model)[0]
+    return first.name, [d.dim_value or None for d in first.type.tensor_type.shape.dim]
+
+
 def op_counts(model: onnx.ModelProto) -> Counter:
     """How many nodes of each op type the main graph has."""
     return Counter(node.op_type for node in model.graph.node)

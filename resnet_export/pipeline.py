@@ -12,7 +12,7 @@ import torch
 from .console import step, warn
 from .data import DataError, Inputs, array_inputs, calibration_split, image_inputs, random_inputs
 from .errors import GateFailed, ModelError, OnnxError, first_line
-from .export import DEFAULT_OPSET, export_onnx, load_onnx, read_metadata
+from .export import DEFAULT_OPSET, export_onnx, input_dims, load_onnx, read_metadata
 from .fold import FoldReport, fold_batchnorm, fold_onnx_batchnorm, to_inference_mode
 from .manifest import atomic_output, check_writable_dir, sha256_file, write_manifest
 from .models import LoadedModel, Preprocessing, run_forward
@@ -156,11 +156,9 @@ def _input_spec(model) -> Preprocessing:
     stored = read_metadata(model).get("preprocessing")
     if stored:
         return Preprocessing.from_dict(stored)
-    initializers = {init.name for init in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in initializers)
-    dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
+    name, dims = input_dims(model)
     if len(dims) != 4:
-        raise OnnxError(f"input '{graph_input.name}' has {len(dims)} dims; expected (N, C, H, W)")
+        raise OnnxError(f"input '{name}' has {len(dims)} dims; expected (N, C, H, W)")
     channels, height, width = dims[1] or 3, dims[2] or 224, dims[3] or 224
     return Preprocessing((height, width), max(height, width), (0.0,) * channels, (1.0,) * channels, channels)
 
@@ -237,7 +235,8 @@ def precision_from_onnx(
     else:
         inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
     gate = GATES[precision]
-    if min_agreement is not None or max_accuracy_drop is not None:
+    custom_gate = min_agreement is not None or max_accuracy_drop is not None
+    if custom_gate:
         gate = replace(gate, min_top1_agreement=gate.min_top1_agreement if min_agreement is None else min_agreement,
                        max_accuracy_drop=gate.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop)
     reference = reference or OrtRunner(source)
@@ -253,7 +252,7 @@ def precision_from_onnx(
 
     record, verification = convert([])
     excluded, before = [], None
-    searching = precision == "int8" and not verification.passed and (min_agreement is not None or max_accuracy_drop is not None)
+    searching = precision == "int8" and not verification.passed and custom_gate
     if searching:
         before = verification.metrics
         with step("Ranking quantized convolutions by sensitivity"):

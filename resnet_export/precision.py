@@ -27,7 +27,7 @@ import onnx
 
 from .console import console
 from .errors import OnnxError, ResnetExportError, first_line
-from .export import load_onnx, read_metadata, set_metadata
+from .export import input_dims, load_onnx, read_metadata, set_metadata
 from .manifest import atomic_output
 
 TARGETS = ("trt", "cpu")
@@ -103,9 +103,7 @@ def _save_with_metadata(model: onnx.ModelProto, source: Path, output: Path, prec
 
 def input_name(path: str | Path) -> str:
     """The name of an ONNX model's (first) graph input."""
-    model = load_onnx(path, load_weights=False)
-    initializers = {init.name for init in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in initializers)
+    return input_dims(load_onnx(path, load_weights=False))[0]
 
 
 def to_fp16(source: str | Path, output: str | Path) -> dict:

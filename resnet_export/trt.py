@@ -84,15 +84,12 @@ def check_profile(profile: BatchProfile, onnx_batch: int | None) -> BatchProfile
 
 def onnx_io(path: str | Path) -> tuple[str, int | None, tuple[int, int, int]]:
     """Input name, fixed batch (None when dynamic) and (C, H, W) of an ONNX model's input."""
-    from .export import load_onnx
+    from .export import input_dims, load_onnx
 
-    model = load_onnx(path, load_weights=False)
-    initializers = {init.name for init in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in initializers)
-    dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
+    name, dims = input_dims(load_onnx(path, load_weights=False))
     if len(dims) != 4 or None in dims[1:]:
-        raise EngineError(f"input '{graph_input.name}' of {path} must be (N, C, H, W) with fixed C, H, W; got {dims}")
-    return graph_input.name, dims[0], tuple(dims[1:])
+        raise EngineError(f"input '{name}' of {path} must be (N, C, H, W) with fixed C, H, W; got {dims}")
+    return name, dims[0], tuple(dims[1:])
 
 
 def incompatibility(built: dict, running: dict) -> str | None:
