@@ -48,6 +48,10 @@ class OrtRunner:
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             what = "the model" if isinstance(path, bytes) else path
             raise OnnxError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
+        used = self.session.get_providers()
+        if providers[0] not in used:  # ONNX Runtime falls back to the CPU with only a log line
+            raise OnnxError(f"ONNX Runtime could not use {providers[0]} (it fell back to {', '.join(used)}); "
+                            "check its CUDA/cuDNN/TensorRT libraries")
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]
         #: The batch size the model was exported for, or None for a dynamic batch axis.

@@ -165,3 +165,9 @@ def test_image_labels_follow_class_names_numbers_or_order(tmp_path, resnet18_sma
     spec.class_names = None
     by_order = image_inputs(tmp_path, spec)
     assert by_order.labels_by_order and by_order.labels_for(3) is not None and by_order.labels_for(1000) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA provider may really load")
+def test_no_silent_fallback_to_the_cpu_provider(resnet18_onnx):
+    with pytest.raises(OnnxError, match="could not use CUDAExecutionProvider .*fell back to CPUExecutionProvider"):
+        OrtRunner(resnet18_onnx.path, providers=["CUDAExecutionProvider"])
