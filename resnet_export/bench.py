@@ -212,6 +212,7 @@ class Artifacts:
         return path
 
     def engine(self, precision: str, max_batch: int) -> Path:
+        """The TensorRT plan for ``precision`` with a 1..``max_batch`` profile (timing cache shared)."""
         from .pipeline import engine_from_onnx
         from .trt import BatchProfile, BuildOptions
 

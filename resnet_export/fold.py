@@ -27,12 +27,14 @@ class FoldReport:
     unfoldable: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The report as manifest JSON: how many folded, which not and why."""
         return {
             "folded": len(self.folded),
             "unfoldable": [{"name": name, "reason": reason} for name, reason in self.unfoldable],
         }
 
     def summary(self) -> str:
+        """One line for the terminal."""
         text = f"folded {len(self.folded)} BatchNorm"
         if self.unfoldable:
             text += "; NOT folded: " + ", ".join(f"{n} ({r})" for n, r in self.unfoldable)

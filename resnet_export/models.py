@@ -79,6 +79,7 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        """The arch name or the factory spec."""
         return self.source.get("arch") or self.source["factory"]
 
 

@@ -62,6 +62,7 @@ class BatchProfile:
     max: int = 32
 
     def shapes(self, chw: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+        """min/opt/max input shapes for an input of ``chw``."""
         return {name: (batch, *chw) for name, batch in (("min", self.min), ("opt", self.opt), ("max", self.max))}
 
 
@@ -328,4 +329,5 @@ class TrtRunner:
 
     @property
     def profile_max_batch(self) -> int:
+        """The largest batch the engine's optimization profile accepts."""
         return self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]

@@ -41,6 +41,7 @@ class Verification:
         return not self.failures
 
     def to_dict(self) -> dict:
+        """The verification as manifest JSON."""
         return {
             "passed": self.passed,
             "failures": self.failures,
@@ -51,6 +52,7 @@ class Verification:
         }
 
     def summary(self) -> str:
+        """The headline metrics in one line."""
         m = self.metrics
         text = (
             f"top-1 agreement {m['top1_agreement']:.1%}, top-5 {m['top5_agreement']:.1%}, "
