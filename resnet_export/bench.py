@@ -192,6 +192,8 @@ class Artifacts:
         self.folder = folder / f"{loaded.name.replace('/', '_').replace(':', '_')}-{key}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.loaded, self.calibration, self.seed = loaded, calibration, seed
+        #: INT8 files carry their calibration data's hash, so other data never reuses them.
+        self.calib_key = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()[:8]
 
     def onnx(self, precision: str, target: str) -> Path:
         """The ONNX for ``precision``; INT8 for ``target`` (cpu or trt), FP16/INT8 from the FP32 file."""
@@ -203,7 +205,7 @@ class Artifacts:
             onnx_from_model(self.loaded, fp32, seed=self.seed)
         if precision == "fp32":
             return fp32
-        path = self.folder / (f"int8-{target}.onnx" if precision == "int8" else "fp16.onnx")
+        path = self.folder / (f"int8-{target}-{self.calib_key}.onnx" if precision == "int8" else "fp16.onnx")
         if not path.is_file():
             if precision == "fp16":
                 to_fp16(fp32, path)
@@ -216,7 +218,8 @@ class Artifacts:
         from .pipeline import engine_from_onnx
         from .trt import BatchProfile, BuildOptions
 
-        plan = self.folder / f"{precision}-b{max_batch}.plan"
+        suffix = f"-{self.calib_key}" if precision == "int8" else ""
+        plan = self.folder / f"{precision}{suffix}-b{max_batch}.plan"
         if not plan.is_file():
             engine_from_onnx(self.onnx(precision, "trt"), plan, BatchProfile(1, max_batch, max_batch),
                              BuildOptions(timing_cache=str(self.folder / "timing.cache")))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from resnet_export.bench import (
+    Artifacts,
     BenchError,
     Settings,
     latency_stats,
@@ -70,10 +71,18 @@ def test_gaps_are_stated(matrix):
     assert trt.status in ("skipped", "ok") and (trt.status == "ok" or trt.reason)
 
 
-def test_artifacts_are_reused(matrix):
-    _, folder, _, _ = matrix
-    (artifact_dir,) = (folder / "artifacts").iterdir()
-    assert {"fp32.onnx", "int8-cpu.onnx"} <= {p.name for p in artifact_dir.iterdir()}
+def test_artifacts_are_reused_and_keyed_by_calibration(matrix):
+    model, folder, _, _ = matrix
+    calibration = np.random.default_rng(5).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    artifacts = Artifacts(model, folder / "artifacts", calibration)
+    fp32, int8 = artifacts.onnx("fp32", "trt"), artifacts.onnx("int8", "cpu")
+    built = {p: p.stat().st_mtime_ns for p in (fp32, int8)}
+    again = Artifacts(model, folder / "artifacts", calibration)
+    assert (again.onnx("fp32", "trt"), again.onnx("int8", "cpu")) == (fp32, int8)
+    assert {p: p.stat().st_mtime_ns for p in built} == built  # nothing rebuilt
+    other = Artifacts(model, folder / "artifacts", calibration + 1)
+    assert other.calib_key != artifacts.calib_key  # other data: another INT8 file
+    assert len(list(fp32.parent.glob("int8-cpu-*.onnx"))) == 2  # the matrix's and this one
 
 
 class _Crashes:
