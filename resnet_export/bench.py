@@ -226,12 +226,6 @@ class Artifacts:
         return plan
 
 
-def _ort_runner(path: Path, providers: list, threads: int | None):
-    from .runners import OrtRunner
-
-    return OrtRunner(path, providers=providers, threads=threads)
-
-
 class OpenVinoRunner:
     """An ONNX file compiled by OpenVINO for its CPU device (the CPU peer users compare against)."""
 
@@ -258,7 +252,7 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
     With a device clock the runner's ``infer_device`` is timed on a batch already on the GPU; the
     TensorRT backend adds a second row timed with host-device copies.
     """
-    from .runners import TorchRunner
+    from .runners import OrtRunner, TorchRunner
 
     threads = settings.threads
     if backend == "torch":
@@ -267,13 +261,13 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
         return [("CUDA events, inputs on device", _TorchCudaRunner(artifacts.loaded.module), cuda_event_clock)]
     if backend == "ort":
         target = "cpu" if precision == "int8" else "trt"
-        return [("wall clock, CPU", _ort_runner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None)]
+        return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None)]
     if backend == "ort-cuda":
         return [("wall clock, with host-device copies",
-                 _ort_runner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None)]
+                 OrtRunner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None)]
     if backend == "ort-trt":
         return [("wall clock, with host-device copies",
-                 _ort_runner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"], threads), None)]
+                 OrtRunner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"], threads), None)]
     if backend == "trt":
         from .trt import TrtRunner
 

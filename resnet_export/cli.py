@@ -229,11 +229,9 @@ def _precision_line(result) -> str:
 @_output_option("OUT.onnx")
 def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, target, seed, output):
     """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it."""
-    from .export import load_onnx
     from .pipeline import precision_from_onnx
 
     precision = _precision(fp16, int8, calib, required=True)
-    load_onnx(source, load_weights=False)
     result = precision_from_onnx(source, output, precision, calib, target, calib_method, calib_size, seed, val,
                                  min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
     click.echo(f"{source} -> {output}: {_precision_line(result)}")

@@ -11,7 +11,7 @@ import torch
 
 from .console import step, warn
 from .data import DataError, Inputs, array_inputs, calibration_split, image_inputs, random_inputs
-from .errors import GateFailed, ModelError, OnnxError, first_line
+from .errors import ModelError, OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx, input_dims, load_onnx, read_metadata
 from .fold import FoldReport, fold_batchnorm, fold_onnx_batchnorm, to_inference_mode
 from .manifest import atomic_output, check_writable_dir, sha256_file, write_manifest
@@ -96,8 +96,8 @@ def onnx_from_model(
         verification=verification.to_dict() if verification else None,
     )
     result = OnnxResult(output, report, onnx_report, fold_error, verification)
-    if verification is not None and not verification.passed:
-        raise GateFailed(f"{output} failed the FP32 gate: {'; '.join(verification.failures)} (artifact kept)")
+    if verification is not None:
+        verification.raise_if_failed(f"{output} failed the FP32 gate", " (artifact kept)")
     return result
 
 
@@ -146,8 +146,8 @@ def fold_onnx_file(source: str | Path, output: str | Path, run_verification: boo
         fold={**report.to_dict(), "switched_to_inference": switched},
         verification=verification.to_dict() if verification else None,
     )
-    if verification is not None and not verification.passed:
-        raise GateFailed(f"{output} differs from {source}: {'; '.join(verification.failures)} (artifact kept)")
+    if verification is not None:
+        verification.raise_if_failed(f"{output} differs from {source}", " (artifact kept)")
     return FoldOnnxResult(output, report, switched, verification)
 
 
@@ -279,8 +279,7 @@ def precision_from_onnx(
         if searching else None,
         verification=verification.to_dict(),
     )
-    if not verification.passed:
-        raise GateFailed(f"{output} failed the {precision.upper()} gate: {'; '.join(verification.failures)} (artifact kept)")
+    verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (artifact kept)")
     return PrecisionResult(output, record, verification, excluded, before)
 
 
@@ -310,8 +309,7 @@ def engine_from_onnx(onnx_path: str | Path, output: str | Path, profile: BatchPr
     sizes = [1, engine.profile_max_batch] if engine.profile_max_batch > 1 else [1]
     verification = verify(reference or OrtRunner(onnx_path), engine, inputs, GATES[precision], sizes=sizes)
     write_manifest(output, stage="engine", **record, verification=verification.to_dict())
-    if not verification.passed:
-        raise GateFailed(f"{output} failed the {precision.upper()} gate: {'; '.join(verification.failures)} (plan kept)")
+    verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (plan kept)")
     return EngineResult(Path(output), record, verification)
 
 
@@ -343,8 +341,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Pat
     with step(f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
         verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
                               getattr(candidate, "fixed_batch", None))
-    if not verification.passed:
-        raise GateFailed(f"{artifact} failed the {precision.upper()} gate: {'; '.join(verification.failures)}")
+    verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate")
     return precision, verification
 
 

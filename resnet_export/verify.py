@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .data import Inputs
+from .errors import GateFailed
 from .runners import Runner
 
 
@@ -39,6 +40,11 @@ class Verification:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def raise_if_failed(self, what: str, note: str = "") -> None:
+        """Raise GateFailed ``what: failures note`` when a threshold was missed."""
+        if self.failures:
+            raise GateFailed(f"{what}: {'; '.join(self.failures)}{note}")
 
     def to_dict(self) -> dict:
         """The verification as manifest JSON."""
