@@ -8,6 +8,7 @@ the matrix still runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -114,14 +115,19 @@ def _wall_clock(call: Callable) -> float:
     return time.perf_counter() - start
 
 
-def cuda_event_clock(call: Callable) -> float:
-    """Time one call with CUDA events around it (device work only, synchronised)."""
+def cuda_event_clock(call: Callable, stream=None) -> float:
+    """Time one call with CUDA events recorded on ``stream`` (torch's current one by default).
+
+    The events must sit on the stream the work runs on: events on another stream would measure
+    whatever that stream did, or the host's wall time when the call blocks.
+    """
     import torch
 
+    stream = stream or torch.cuda.current_stream()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start.record(stream)
     call()
-    end.record()
+    end.record(stream)
     end.synchronize()
     return start.elapsed_time(end) / 1e3
 
@@ -183,12 +189,27 @@ def precision_unsupported(backend: str, precision: str) -> str | None:
     return None
 
 
+def artifact_key(loaded: LoadedModel, seed: int, opset: int | None = None) -> str:
+    """A short hash of everything that defines the exported model.
+
+    Source (arch, weights and their sha256), the factory file's content, the seed (random weights),
+    preprocessing (input size) and the opset: a change in any of them never reuses another's ONNX.
+    """
+    from .export import DEFAULT_OPSET
+    from .models import model_files
+
+    factory = loaded.source.get("factory", "")
+    factory_files = [f for f in model_files(loaded) if factory.startswith(f)]
+    files = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in factory_files}
+    parts = [loaded.source, files, seed, loaded.preprocessing.to_dict(), opset or DEFAULT_OPSET]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class Artifacts:
     """Builds or reuses the ONNX files and engines a matrix needs, under ``folder``."""
 
     def __init__(self, loaded: LoadedModel, folder: Path, calibration: np.ndarray, seed: int = 0):
-        key = hashlib.sha256(json.dumps([loaded.source, loaded.preprocessing.to_dict()], sort_keys=True,
-                                        default=str).encode()).hexdigest()[:12]
+        key = artifact_key(loaded, seed)
         self.folder = folder / f"{loaded.name.replace('/', '_').replace(':', '_')}-{key}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.loaded, self.calibration, self.seed = loaded, calibration, seed
@@ -272,7 +293,8 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
         from .trt import TrtRunner
 
         runner = TrtRunner(artifacts.engine(precision, max(settings.batch_sizes)))
-        return [("CUDA events, inputs on device", runner, cuda_event_clock),
+        on_engine_stream = functools.partial(cuda_event_clock, stream=runner.stream)
+        return [("CUDA events on the engine's stream, inputs on device", runner, on_engine_stream),
                 ("wall clock, with host-device copies", runner, None)]
     if backend == "openvino":
         target = "cpu" if precision == "int8" else "trt"

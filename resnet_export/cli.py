@@ -191,6 +191,8 @@ def precision_options(command):
         click.option("--val", type=click.Path(path_type=Path), help="Verification images (default: calibration folder images not used to calibrate)."),
         click.option("--min-agreement", type=click.FloatRange(0, 1), help="INT8 top-1 agreement to reach; keeps sensitive convs in higher precision until met."),
         click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="INT8 accuracy drop (points) to stay under; same search as --min-agreement."),
+        click.option("--rest", type=click.Choice(["auto", "fp16", "fp32"]), default="auto", show_default=True,
+                     help="INT8 for TensorRT: precision of the non-quantized part; auto tries FP16, then FP32 if the gate is missed."),
     )
     return _with_options(options, command)
 
@@ -211,12 +213,21 @@ def _precision_line(result) -> str:
     record, v = result.record, result.verification
     what = record["dtype"].upper()
     if record["dtype"] == "int8":
-        what += f" ({record['target']}, {record['calibration_method']}, {record['calibration_samples']} calibration samples)"
+        rest = f", rest {record['rest'].upper()}" if record.get("rest") else ""
+        what += (f" ({record['target']}, {record['calibration_method']}, {record['calibration_samples']} "
+                 f"calibration samples{rest})")
     line = f"{what}; vs {v.inputs}: {v.summary()}"
+    rest_attempts = [a for a in result.attempts if not a["excluded"]]
+    if len(rest_attempts) > 1:
+        first = rest_attempts[0]
+        line += (f"; rest {first['rest'].upper()} missed the gate (top-1 agreement "
+                 f"{first['metrics']['top1_agreement']:.1%}), {record['rest'].upper()} kept")
     if result.excluded:
         names = ", ".join(name for name, _ in result.excluded)
         line += (f"; kept {len(result.excluded)} conv(s) in higher precision ({names}); "
                  f"top-1 agreement before {result.before['top1_agreement']:.1%}")
+    if result.random_weights and record["dtype"] == "int8":
+        line += " (random weights: agreement on random weights is not a measure of quantization quality)"
     return line + ": PASS"
 
 
@@ -224,16 +235,17 @@ def _precision_line(result) -> str:
 @click.argument("source", type=click.Path(path_type=Path))
 @precision_options
 @click.option("--target", type=click.Choice(["trt", "cpu"]), default="trt", show_default=True,
-              help="trt: ModelOpt Q/DQ for TensorRT (rest FP16); cpu: ONNX Runtime u8/s8 per-channel QDQ.")
+              help="trt: ModelOpt Q/DQ for TensorRT (rest per --rest); cpu: ONNX Runtime u8/s8 per-channel QDQ.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration choice and random inputs.")
 @_output_option("OUT.onnx")
-def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, target, seed, output):
+def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, rest, target,
+             seed, output):
     """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it."""
     from .pipeline import precision_from_onnx
 
     precision = _precision(fp16, int8, calib, required=True)
     result = precision_from_onnx(source, output, precision, calib, target, calib_method, calib_size, seed, val,
-                                 min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+                                 min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, rest=rest)
     click.echo(f"{source} -> {output}: {_precision_line(result)}")
 
 
@@ -251,7 +263,7 @@ def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agree
 @click.option("--hardware-compat", is_flag=True, help="Build a plan that runs on any Ampere or newer GPU.")
 @click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
 @_output_option("OUT.plan")
-def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop,
+def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, rest,
         min_batch, opt_batch, max_batch, workspace, timing_cache, builder_opt_level, version_compatible,
         hardware_compat, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
@@ -263,7 +275,7 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
                            version_compatible, hardware_compat)
     result = trt_from_source(None if onnx_path else load, onnx_path, output, precision, calib, calib_method,
-                             calib_size, seed, val, min_agreement, max_accuracy_drop, profile, options, onnx_only)
+                             calib_size, seed, val, min_agreement, max_accuracy_drop, rest, profile, options, onnx_only)
     if result.fp32:
         click.echo(f"{result.fp32.path.name}: FP32 ONNX vs PyTorch: {result.fp32.verification.summary()}: PASS")
     if result.precision:
@@ -310,14 +322,13 @@ def inspect(artifact):
 @click.option("--iters", type=click.IntRange(min=1), help="Timed runs per row (default: as many as --min-time allows).")
 @click.option("--min-time", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds of timed runs per row.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch, ONNX Runtime and OpenVINO.")
-@click.option("--calib", type=click.Path(path_type=Path), help="INT8 calibration images (default: seeded random inputs).")
+@click.option("--calib", type=click.Path(path_type=Path), help="INT8 calibration images or .npy/.npz (default: seeded random inputs).")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: report.json, report.md, throughput.png, latency.png; artifacts/ inside.")
 def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, threads, calib, calib_size, report):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
     from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, run_matrix, write_reports
-    from .data import calibration_split
     from .errors import OutputError
     from .manifest import check_writable_dir
 
@@ -330,7 +341,11 @@ def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time
         raise OutputError(f"report directory {report} is not writable ({exc.strerror})") from exc
     check_writable_dir(report / "report.json")
     loaded = load()
-    calibration = calibration_split(calib, loaded.preprocessing, calib_size, seed)[0].array if calib else None
+    calibration = None
+    if calib:
+        from .pipeline import calibration_data
+
+        calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
     rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
     paths = write_reports(rows, env, loaded.name, report)
     click.echo(paths["report.md"].read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -33,12 +34,59 @@ def check_writable_dir(path: Path) -> None:
         raise OutputError(f"output directory {parent} is not writable ({exc.strerror})") from exc
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or the same inode (hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_input(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike | None]) -> None:
+    """Raise OutputError when an output (or its manifest) would overwrite one of the inputs.
+
+    No command writes over its own input: a same-path or hard-linked request is refused before any work.
+    """
+    written = [Path(o) for o in outputs] + [manifest_path(o) for o in outputs]
+    for given in inputs:
+        if given is None or not Path(given).is_file():
+            continue
+        for output in written:
+            if _same_file(output, Path(given)):
+                raise OutputError(f"{output} would overwrite the input {given}: choose another output path")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.NAME.<pid>.*.tmp`` files that processes no longer alive left beside ``path``."""
+    for stale in path.resolve().parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary file carries this process's id, so a later write of ``path`` removes what a killed
+    process left (an interrupted one removes its own).
+    """
     path = Path(path)
     check_writable_dir(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.resolve().parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

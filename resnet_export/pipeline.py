@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -14,13 +15,22 @@ from .data import DataError, Inputs, array_inputs, calibration_split, image_inpu
 from .errors import ModelError, OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx, input_dims, load_onnx, read_metadata
 from .fold import FoldReport, fold_batchnorm, fold_onnx_batchnorm, to_inference_mode
-from .manifest import atomic_output, check_writable_dir, sha256_file, write_manifest
-from .models import LoadedModel, Preprocessing, run_forward
-from .precision import PrecisionError, check_method, qdq_summary, quantize_int8, to_fp16
+from .manifest import atomic_output, check_not_input, check_writable_dir, sha256_file, write_manifest
+from .models import LoadedModel, Preprocessing, model_files, run_forward
+from .precision import RESTS, PrecisionError, check_method, qdq_summary, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .sensitivity import rank_quantized_convs
-from .trt import BatchProfile, BuildOptions, TensorRTUnavailable, TrtRunner, build_engine, load_manifest, unavailable_reason
-from .verify import GATES, Verification, verify
+from .trt import (
+    BatchProfile,
+    BuildOptions,
+    TensorRTUnavailable,
+    TrtRunner,
+    build_engine,
+    load_manifest,
+    profile_batch_sizes,
+    unavailable_reason,
+)
+from .verify import GATES, Verification, batch_plan, verify
 
 #: Largest relative error (to max |logit|) the PyTorch-level fold may introduce.
 FOLD_TOLERANCE = 1e-4
@@ -72,6 +82,7 @@ def onnx_from_model(
     """
     output = Path(output)
     check_writable_dir(output)
+    check_not_input([output], model_files(loaded))
     inputs = verification_inputs(loaded, images, seed=seed) if run_verification else None
     with step(f"Folding BatchNorm in {loaded.name}"):
         folded, report, fold_error = checked_fold(loaded, seed)
@@ -121,6 +132,7 @@ def fold_onnx_file(source: str | Path, output: str | Path, run_verification: boo
 
     output = Path(output)
     check_writable_dir(output)
+    check_not_input([output], [source])
     model = load_onnx(source)
     switched = to_inference_mode(model)
     reference = model.SerializeToString()
@@ -168,13 +180,19 @@ def _input_spec(model) -> Preprocessing:
 
 @dataclass
 class PrecisionResult:
-    """What ``precision_from_onnx`` produced; ``before`` holds the metrics prior to any exclusion."""
+    """What ``precision_from_onnx`` produced.
+
+    ``attempts`` lists each conversion that was verified (rest precision, excluded convs, metrics,
+    passed), in order; ``before`` holds the metrics prior to any exclusion.
+    """
 
     path: Path
     record: dict
     verification: Verification
     excluded: list[tuple[str, float]]
     before: dict | None = None
+    attempts: list[dict] = field(default_factory=list)
+    random_weights: bool = False
 
 
 def onnx_preprocessing(path: str | Path) -> Preprocessing:
@@ -182,19 +200,23 @@ def onnx_preprocessing(path: str | Path) -> Preprocessing:
     return _input_spec(load_onnx(path, load_weights=False))
 
 
-def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int) -> tuple[Inputs, Inputs | None]:
-    """Calibration inputs and the held-out rest from an image folder or a ``.npy``/``.npz`` file."""
+def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int,
+                     held_out: bool = True) -> tuple[Inputs, Inputs | None]:
+    """Calibration inputs and the held-out rest (when ``held_out``) from an image folder or a ``.npy``/``.npz``."""
     calib = Path(calib)
     if calib.is_file() and calib.suffix in (".npy", ".npz"):
         arrays = array_inputs(calib, spec)
         if len(arrays.array) < size:
             warn(f"{calib} has {len(arrays.array)} arrays, fewer than --calib-size {size}: calibrating on all")
         head, rest = arrays.array[:size], arrays.array[size:]
-        held_out = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) else None
-        return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), held_out
+        kept = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) and held_out else None
+        return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept
     if not calib.is_dir():
         raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
-    return calibration_split(calib, spec, size, seed)
+    return calibration_split(calib, spec, size, seed, held_out_limit=500 if held_out else 0)
+
+
+REST_CHOICES = ("auto", *RESTS)
 
 
 def precision_from_onnx(
@@ -210,21 +232,32 @@ def precision_from_onnx(
     reference: Runner | None = None,
     min_agreement: float | None = None,
     max_accuracy_drop: float | None = None,
+    rest: str = "auto",
 ) -> PrecisionResult:
     """Make the FP16 or INT8 ONNX of ``source``, verify it and write its manifest.
 
     The reference is ``reference`` (PyTorch, when the caller has the model) or ``source`` on ONNX
-    Runtime. With ``min_agreement`` or ``max_accuracy_drop`` an INT8 model that misses its gate gets
+    Runtime. For the trt target, ``rest`` is the precision of the non-quantized part: ``fp16``,
+    ``fp32``, or ``auto`` (FP16, and FP32 with the same calibration ranges when FP16 misses the gate).
+    With ``min_agreement`` or ``max_accuracy_drop`` an INT8 model that still misses its gate gets
     its most sensitive convolutions kept in higher precision until it passes. Raises GateFailed
     (artifact and manifest kept) when the gate is still missed.
     """
     source, output = Path(source), Path(output)
     check_writable_dir(output)
+    check_not_input([output], [source, calib, val])
+    if precision not in ("fp16", "int8"):
+        raise PrecisionError(f"precision must be fp16 or int8, not '{precision}' (an FP32 ONNX comes from export)")
+    if rest not in REST_CHOICES:
+        raise PrecisionError(f"unknown rest precision '{rest}'; choose one of {', '.join(REST_CHOICES)}")
+    trt_int8 = precision == "int8" and target == "trt"
+    if rest != "auto" and not trt_int8:
+        raise PrecisionError("the rest precision is a setting of INT8 for the trt target only")
     spec = onnx_preprocessing(source)
     if precision == "int8":
         check_method(target, method)
         if calib is None:
-            raise PrecisionError("--int8 needs calibration data: --calib DIR")
+            raise PrecisionError("int8 needs calibration data (calib)")
         calibration, held_out = calibration_data(calib, spec, calib_size, seed)
         if val:
             held_out = image_inputs(val, spec)
@@ -240,47 +273,86 @@ def precision_from_onnx(
         gate = replace(gate, min_top1_agreement=gate.min_top1_agreement if min_agreement is None else min_agreement,
                        max_accuracy_drop=gate.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop)
     reference = reference or OrtRunner(source)
+    attempts: list[dict] = []
 
-    def convert(exclude: list[str]) -> tuple[dict, Verification]:
-        if precision == "fp16":
-            record = to_fp16(source, output)
-        else:
-            record = quantize_int8(source, output, calibration.array, target, method, exclude)
-        with step(f"Verifying {output.name} on {inputs.description}"):
-            candidate = OrtRunner(output)
-            return record, verify(reference, candidate, inputs, gate, candidate.fixed_batch)
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
+        work = Path(work)
+        ranges = work / "ranges.cache"
 
-    record, verification = convert([])
-    excluded, before = [], None
-    searching = precision == "int8" and not verification.passed and custom_gate
-    if searching:
-        before = verification.metrics
-        with step("Ranking quantized convolutions by sensitivity"):
-            ranking = rank_quantized_convs(source, output, inputs.array[:32])
-        count = 1
-        while not verification.passed and count <= len(ranking):
-            excluded = ranking[:count]
-            warn(f"{', '.join(verification.failures)}: keeping {count} most sensitive conv(s) in higher precision")
-            record, verification = convert([name for name, _ in excluded])
-            count *= 2
-        if not verification.passed and len(excluded) < len(ranking):
-            excluded = ranking
-            record, verification = convert([name for name, _ in excluded])
+        def convert(rest_dtype: str | None, exclude: list[str]) -> tuple[Path, dict, Verification]:
+            """One conversion into the work folder, verified; calibration ranges reused after the first."""
+            path = work / f"attempt-{len(attempts)}.onnx"
+            if precision == "fp16":
+                record = to_fp16(source, path)
+            elif trt_int8:
+                reuse = ranges if ranges.is_file() else None
+                record = quantize_int8(source, path, calibration.array, target, method, exclude, rest_dtype,
+                                       ranges=reuse, save_ranges=None if reuse else ranges)
+            else:
+                record = quantize_int8(source, path, calibration.array, target, method, exclude)
+            label = f"{output.name}" + (f" (rest {rest_dtype.upper()})" if rest_dtype else "")
+            with step(f"Verifying {label} on {inputs.description}"):
+                candidate = OrtRunner(path)
+                verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch)
+            if candidate.fp16_quantize_rewritten:
+                record["cpu_verification_note"] = (
+                    f"{candidate.fp16_quantize_rewritten} float16 QuantizeLinear evaluated in float32 on ONNX "
+                    "Runtime's CPU provider, which truncates them (onnxruntime#18576)")
+            attempts.append({"rest": rest_dtype, "excluded": list(exclude), "passed": verification.passed,
+                             "failures": verification.failures, "metrics": verification.metrics})
+            return path, record, verification
+
+        rests = ([None] if not trt_int8 else ["fp16", "fp32"] if rest == "auto" else [rest])
+        tried = []
+        for rest_dtype in rests:
+            tried.append(convert(rest_dtype, []))
+            if tried[-1][2].passed:
+                break
+        best = next((t for t in tried if t[2].passed), None) or max(
+            tried, key=lambda t: (t[2].metrics["top1_agreement"], t[2].metrics["min_cosine"]))
+        chosen_rest = attempts[tried.index(best)]["rest"]
+        if len(tried) > 1:
+            why = ("FP16 rest missed the gate ({}); FP32 rest {}".format(
+                "; ".join(attempts[0]["failures"]), "passed" if best[2].passed else "missed it too"))
+            warn(f"{why}: kept the {chosen_rest.upper()} rest")
+        path, record, verification = best
+        excluded, before = [], None
+        searching = precision == "int8" and not verification.passed and custom_gate
+        if searching:
+            before = verification.metrics
+            with step("Ranking quantized convolutions by sensitivity"):
+                ranking = rank_quantized_convs(source, path, inputs.array[:32])
+            count = 1
+            while not verification.passed and count <= len(ranking):
+                excluded = ranking[:count]
+                warn(f"{', '.join(verification.failures)}: keeping {count} most sensitive conv(s) in higher precision")
+                path, record, verification = convert(chosen_rest, [name for name, _ in excluded])
+                count *= 2
+            if not verification.passed and len(excluded) < len(ranking):
+                excluded = ranking
+                path, record, verification = convert(chosen_rest, [name for name, _ in excluded])
+        with atomic_output(output) as tmp:
+            shutil.copyfile(path, tmp)
+    source_info = read_metadata(source).get("source", {})
+    random_weights = "weights" in source_info and source_info["weights"] is None
     write_manifest(
         output,
         stage="quantize",
         precision=precision,
-        source={"onnx": str(source), "sha256": sha256_file(source), "reference": reference.name},
+        source={"onnx": str(source), "sha256": sha256_file(source), "reference": reference.name,
+                "random_weights": random_weights},
         settings={"target": target if precision == "int8" else None, "calib": str(calib) if calib else None,
-                  "calib_size": calib_size, "seed": seed, "val": str(val) if val else None},
+                  "calib_size": calib_size, "seed": seed, "val": str(val) if val else None,
+                  "rest": rest if trt_int8 else None},
         conversion=record,
+        rest={"requested": rest, "chosen": chosen_rest, "attempts": attempts} if trt_int8 else None,
         qdq=qdq_summary(output),
         sensitivity={"excluded": [{"node": n, "added_error": e} for n, e in excluded], "metrics_before": before}
         if searching else None,
         verification=verification.to_dict(),
     )
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (artifact kept)")
-    return PrecisionResult(output, record, verification, excluded, before)
+    return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights)
 
 
 # --------------------------------------------------------------------------- engines and verification
@@ -298,15 +370,17 @@ class EngineResult:
 def engine_from_onnx(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
                      options: BuildOptions | None = None, reference: Runner | None = None,
                      inputs: Inputs | None = None, seed: int = 0) -> EngineResult:
-    """Build the engine, verify it at batch 1 and the profile maximum, and write ``output.json``.
+    """Build the engine, verify it at the profile's smallest and largest batch, and write ``output.json``.
 
-    ``reference`` defaults to ``onnx_path`` on ONNX Runtime; the gate is the precision's.
+    ``reference`` defaults to ``onnx_path`` on ONNX Runtime; the gate is the precision's. The runner
+    checks the fresh build record, not a sidecar an earlier build left.
     """
+    check_not_input([output], [onnx_path])
     record = build_engine(onnx_path, output, profile, options)
     precision = record["precision"].get("dtype", "fp32")
     inputs = inputs or random_inputs(onnx_preprocessing(onnx_path), max(8, profile.max), seed)
-    engine = TrtRunner(output)
-    sizes = [1, engine.profile_max_batch] if engine.profile_max_batch > 1 else [1]
+    engine = TrtRunner(output, manifest=record)
+    sizes = profile_batch_sizes(engine.profile_min_batch, engine.profile_max_batch)
     verification = verify(reference or OrtRunner(onnx_path), engine, inputs, GATES[precision], sizes=sizes)
     write_manifest(output, stage="engine", **record, verification=verification.to_dict())
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (plan kept)")
@@ -338,11 +412,22 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Pat
     precision = precision or artifact_precision(artifact)
     candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
     inputs = verification_inputs(loaded, images, seed=seed)
+    sizes = None
+    if isinstance(candidate, TrtRunner):  # every batch inside the engine's optimization profile
+        sizes = batch_plan(len(inputs.array), None, candidate.profile_max_batch, candidate.profile_min_batch)
     with step(f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
         verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
-                              getattr(candidate, "fixed_batch", None))
+                              getattr(candidate, "fixed_batch", None), sizes)
     verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate")
     return precision, verification
+
+
+def side_onnx_path(plan: Path, precision: str) -> Path:
+    """Where ``trt`` keeps the precision ONNX of ``plan``: ``OUT.fp16.onnx`` for ``OUT.plan``, and so on.
+
+    The precision in the name keeps it apart from the FP32 ONNX a user typically names ``OUT.onnx``.
+    """
+    return plan.with_name(f"{plan.stem}.{precision}.onnx")
 
 
 @dataclass
@@ -367,29 +452,32 @@ def trt_from_source(
     val: str | Path | None = None,
     min_agreement: float | None = None,
     max_accuracy_drop: float | None = None,
+    rest: str = "auto",
     profile: BatchProfile = BatchProfile(),
     options: BuildOptions | None = None,
     onnx_only: bool = False,
 ) -> TrtResult:
     """``resnet-export trt``: export (from ``load()``) or take ``onnx_path``, convert for TensorRT, build.
 
-    The precision ONNX is kept as ``OUTPUT.onnx``. Where TensorRT or a GPU is missing it raises
+    The precision ONNX is kept beside the plan as ``OUT.<precision>.onnx`` (``side_onnx_path``). Where TensorRT or a GPU is missing it raises
     TensorRTUnavailable (exit code 4) after writing that ONNX; ``onnx_only`` stops there on purpose.
     """
     output = Path(output)
     check_writable_dir(output)
-    side_onnx = output.with_suffix(".onnx")
+    side_onnx = side_onnx_path(output, precision)
+    check_not_input([output] if onnx_path and precision == "fp32" else [output, side_onnx], [onnx_path, calib, val])
     loaded = reference = fp32_result = precision_result = None
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         fp32 = Path(onnx_path) if onnx_path else None
         if load is not None:
             loaded = load()
+            check_not_input([output, side_onnx], model_files(loaded))
             reference = TorchRunner(loaded.module)
             fp32 = side_onnx if precision == "fp32" else Path(work) / "fp32.onnx"
             fp32_result = onnx_from_model(loaded, fp32, images=val, seed=seed)
         if precision != "fp32":
             precision_result = precision_from_onnx(fp32, side_onnx, precision, calib, "trt", calib_method, calib_size,
-                                                   seed, val, reference, min_agreement, max_accuracy_drop)
+                                                   seed, val, reference, min_agreement, max_accuracy_drop, rest)
         else:
             side_onnx = fp32
         if onnx_only:

@@ -2,8 +2,10 @@
 
 TensorRT 11 has no precision flags or calibrators: the precision lives in the ONNX graph.
 - ``target="trt"``: ModelOpt's ONNX PTQ, symmetric int8, Q/DQ placed the way TensorRT fuses residual
-  blocks; the rest in FP16. Percentile ranges are computed with ONNX Runtime's calibrator and handed
-  to ModelOpt as a TensorRT calibration cache, so the placement stays ModelOpt's.
+  blocks; the non-quantized rest in FP16 or FP32 (``rest``). Activation ranges travel as a TensorRT
+  calibration cache: percentile ranges come from ONNX Runtime's calibrator that way (the placement
+  stays ModelOpt's), and every quantization saves its ranges so later attempts (the other rest
+  precision, convs excluded) reuse them instead of calibrating again.
 - ``target="cpu"``: ONNX Runtime ``quantize_static``, QDQ, uint8 activations, int8 per-channel weights
   (ONNX Runtime's fast x86 path), after ``quant_pre_process``.
 """
@@ -24,6 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .console import console
 from .errors import OnnxError, ResnetExportError, first_line
@@ -31,6 +34,8 @@ from .export import input_dims, load_onnx, read_metadata, set_metadata
 from .manifest import atomic_output
 
 TARGETS = ("trt", "cpu")
+#: Precision of the non-quantized part of a TensorRT-target INT8 model.
+RESTS = ("fp16", "fp32")
 CALIB_METHODS = {"trt": ("entropy", "max", "percentile"), "cpu": ("minmax", "entropy", "percentile")}
 DEFAULT_METHOD = {"trt": "entropy", "cpu": "minmax"}
 PERCENTILE = 99.99
@@ -145,33 +150,48 @@ def quantize_int8(
     target: str = "trt",
     method: str | None = None,
     exclude: list[str] | tuple[str, ...] = (),
+    rest: str = "fp16",
+    ranges: str | Path | None = None,
+    save_ranges: str | Path | None = None,
 ) -> dict:
     """Calibrate on ``calibration`` (preprocessed ``(N, C, H, W)``) and write an INT8 Q/DQ ONNX.
 
-    ``exclude`` names Conv nodes kept in higher precision. Returns the precision record stored in
-    the model's metadata.
+    ``exclude`` names Conv nodes kept in higher precision. For the trt target, ``rest`` is the
+    precision of everything not quantized, ``ranges`` a calibration cache saved by an earlier call
+    (its activation ranges are reused: no calibration pass over the data) and ``save_ranges`` where
+    to save this call's ranges. Returns the precision record stored in the model's metadata.
     """
     source, output = Path(source), Path(output)
     method = check_method(target, method)
+    if rest not in RESTS:
+        raise PrecisionError(f"unknown rest precision '{rest}'; choose one of {', '.join(RESTS)}")
+    if target == "cpu" and (ranges or save_ranges):
+        raise PrecisionError("calibration ranges are reused for the trt target only")
     name = input_name(source)
     record = {"dtype": "int8", "target": target, "calibration_method": method,
               "calibration_samples": int(len(calibration)), "excluded_nodes": list(exclude)}
+    if target == "trt":
+        record.update(rest=rest, ranges_reused=ranges is not None)
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         work = Path(work)
         model_copy = work / "model.onnx"  # ModelOpt rewrites its input in place
         shutil.copyfile(source, model_copy)
-        np.save(work / "calibration.npy", calibration)
+        # With known ranges ModelOpt still runs its calibrator before it replaces the scales: one batch does.
+        np.save(work / "calibration.npy", calibration[:CALIB_BATCH] if ranges else calibration)
+        if ranges:
+            shutil.copyfile(ranges, work / "ranges.cache")
         quantized = work / "int8.onnx"
-        passes = 2 if (target == "trt" and method == "percentile") else 1
-        total = passes * -(-len(calibration) // CALIB_BATCH)
+        passes = 2 if (target == "trt" and method == "percentile" and not ranges) else 1
+        total = 1 if ranges else passes * -(-len(calibration) // CALIB_BATCH)
+        what = "Quantizing INT8 with the saved ranges" if ranges else "Calibrating INT8"
         start = time.perf_counter()
-        _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude)),
-                      f"Calibrating INT8 ({target}, {method})", total, f"INT8 quantization of {source} failed")
+        _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude), rest, bool(ranges)),
+                      f"{what} ({target}, {method})", total, f"INT8 quantization of {source} failed")
         record["calibration_seconds"] = round(time.perf_counter() - start, 1)
-        console.print(f"Calibrated and quantized INT8 ({target}, {method}) on {len(calibration)} samples "
-                      f"in {record['calibration_seconds']} s", soft_wrap=True)
-        if target == "trt":
-            record["high_precision_dtype"] = "fp16"
+        console.print(f"{what} ({target}, {method}{f', rest {rest.upper()}' if target == 'trt' else ''}) "
+                      f"on {len(calibration)} samples in {record['calibration_seconds']} s", soft_wrap=True)
+        if save_ranges:
+            shutil.copyfile(work / "ranges.cache", save_ranges)
         _save_with_metadata(onnx.load(str(quantized)), source, output, record)
     return record
 
@@ -214,39 +234,67 @@ def _run_isolated(worker, args: tuple, description: str, total: int, failure: st
         raise PrecisionError(f"{failure}: {error}")
 
 
-def _quantize_worker(work: str, name: str, target: str, method: str, exclude: list[str], messages) -> None:
+def _quantize_worker(work: str, name: str, target: str, method: str, exclude: list[str], rest: str,
+                     reuse_ranges: bool, messages) -> None:
     """Child-process body of quantize_int8: calibrate ``work/model.onnx`` into ``work/int8.onnx``."""
     work_path = Path(work)
     try:
         with _quiet_tools(), contextlib.redirect_stderr(io.StringIO()):  # tqdm bars of the calibrators
             calibration = np.load(work_path / "calibration.npy")
             reader = CalibrationReader(name, calibration, lambda: messages.put(("batch", 1)))
-            quantize = _quantize_trt if target == "trt" else _quantize_cpu
-            quantize(work_path / "model.onnx", work_path / "int8.onnx", reader, method, exclude, work_path)
+            if target == "trt":
+                _quantize_trt(work_path, reader, method, exclude, rest, reuse_ranges)
+            else:
+                _quantize_cpu(work_path / "model.onnx", work_path / "int8.onnx", reader, method, exclude, work_path)
     except Exception as exc:  # reported to the parent as one line
         messages.put(("error", first_line(exc)))
     messages.put(("done", None))
 
 
-def _quantize_trt(model: Path, output: Path, reader: CalibrationReader, method: str, exclude: list[str], work: Path):
+def _quantize_trt(work: Path, reader: CalibrationReader, method: str, exclude: list[str], rest: str,
+                  reuse_ranges: bool) -> None:
+    """ModelOpt PTQ of ``work/model.onnx`` with the rest in FP32, then the rest cast to ``rest``.
+
+    The FP32-rest model is what calibration yields; its activation scales are saved as
+    ``work/ranges.cache``. The FP16 rest is ModelOpt's own conversion (``convert_to_f16``, as its
+    ``high_precision_dtype="fp16"`` does), applied to that model, so both rests share one calibration.
+    """
+    from modelopt.onnx.autocast.convert import convert_to_f16
     from modelopt.onnx.quantization import quantize
 
-    cache = None
-    if method == "percentile":
-        cache = work / "percentile.cache"
-        _write_percentile_cache(model, reader, cache, work)
+    cache = work / "ranges.cache"
+    if not reuse_ranges and method == "percentile":
+        _write_percentile_cache(work / "model.onnx", reader, cache, work)
         reader.rewind()
+    fp32_rest = work / "int8-fp32-rest.onnx"
     quantize(
-        onnx_path=str(model),
+        onnx_path=str(work / "model.onnx"),
         quantize_mode="int8",
         calibration_data_reader=reader,
         calibration_method="entropy" if method == "entropy" else "max",
-        calibration_cache_path=str(cache) if cache else None,
+        calibration_cache_path=str(cache) if cache.is_file() else None,
         calibration_eps=["cpu"],
         nodes_to_exclude=[f"^{re.escape(name)}$" for name in exclude],  # ModelOpt takes regexes
-        output_path=str(output),
+        high_precision_dtype="fp32",
+        output_path=str(fp32_rest),
         log_level="ERROR",
     )
+    model = onnx.load(str(fp32_rest))
+    _write_ranges(model, cache)
+    if rest == "fp16":
+        model = convert_to_f16(model, keep_io_types=True)
+    onnx.save(model, str(work / "int8.onnx"))
+
+
+def _write_ranges(model: onnx.ModelProto, cache: Path) -> None:
+    """Save the activation scales of ``model``'s QuantizeLinear nodes as a TensorRT calibration cache."""
+    inits = {i.name: i for i in model.graph.initializer}
+    lines = ["TRT-100000-EntropyCalibration2"]
+    for node in model.graph.node:
+        scale = inits.get(node.input[1]) if node.op_type == "QuantizeLinear" else None
+        if scale is not None and node.input[0] not in inits and numpy_helper.to_array(scale).size == 1:
+            lines.append(f"{node.input[0]}: {struct.pack('!f', float(numpy_helper.to_array(scale))).hex()}")
+    cache.write_text("\n".join(lines) + "\n")
 
 
 def _write_percentile_cache(model: Path, reader: CalibrationReader, cache: Path, work: Path) -> None:

@@ -93,18 +93,27 @@ def onnx_io(path: str | Path) -> tuple[str, int | None, tuple[int, int, int]]:
     return name, dims[0], tuple(dims[1:])
 
 
+#: (built major, running major) pairs across which a version-compatible plan runs.
+VERSION_COMPATIBLE_MAJORS = {(10, 11), (8, 10)}
+
+
 def incompatibility(built: dict, running: dict) -> str | None:
     """Why a plan built as ``built`` (its manifest) cannot run on ``running`` (runtime_info()), or None.
 
-    A plan runs only on the TensorRT version that built it (or, built version-compatible, a later
-    release of the same major), and on GPUs of the same compute capability (or, built with hardware
-    compatibility, any Ampere or newer).
+    A plan runs only on the TensorRT version that built it or, built version-compatible, on a later
+    release of the same major, or across exactly two major boundaries: 10 -> 11 and 8 -> 10 (TensorRT
+    11.4 support matrix, "Engine Portability"); and on GPUs of the same compute capability or, built
+    with hardware compatibility, any Ampere or newer.
     """
+    if not built.get("tensorrt") or not built.get("compute_capability"):
+        return "its manifest does not record the TensorRT version and compute capability that built it"
     options = built.get("options", {})
     problems = []
     built_trt, run_trt = built["tensorrt"], running["tensorrt"]
     if options.get("version_compatible"):
-        if _version(run_trt)[0] != _version(built_trt)[0] or _version(run_trt) < _version(built_trt):
+        built_v, run_v = _version(built_trt), _version(run_trt)
+        majors = (built_v[:1] or (0,))[0], (run_v[:1] or (0,))[0]
+        if run_v < built_v or (majors[0] != majors[1] and majors not in VERSION_COMPATIBLE_MAJORS):
             problems.append("TensorRT")
     elif built_trt != run_trt:
         problems.append("TensorRT")
@@ -121,6 +130,24 @@ def incompatibility(built: dict, running: dict) -> str | None:
         f"running TensorRT {run_trt} on compute capability {run_cc} ({running.get('gpu', '?')}): "
         f"{' and '.join(problems)} mismatch"
     )
+
+
+def profile_batch_sizes(min_batch: int, max_batch: int) -> list[int]:
+    """Batch sizes to verify an engine at: the profile's smallest and largest (one when they are equal)."""
+    return [min_batch] if min_batch == max_batch else [min_batch, max_batch]
+
+
+#: TensorRT I/O data types (``trt.DataType`` member names) and the torch dtypes used as their buffers.
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+
+
+def torch_dtype_name(trt_dtype_name: str, tensor: str) -> str:
+    """The torch dtype name for a TensorRT I/O type, or a one-line error for types with no torch buffer."""
+    if trt_dtype_name not in TORCH_DTYPES:
+        raise EngineError(f"engine tensor '{tensor}' has data type {trt_dtype_name}, which this runner cannot "
+                          f"feed (supported: {', '.join(TORCH_DTYPES)})")
+    return TORCH_DTYPES[trt_dtype_name]
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -179,6 +206,8 @@ def _strongly_typed_network(builder, onnx_path: Path, logger):
 
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if flag is None else 1 << int(flag))
+    if network is None:  # pyCore.cpp binds createNetworkV2, which returns nullptr on failure
+        raise EngineError("TensorRT could not create a network definition (see the TensorRT log above)")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
@@ -208,6 +237,9 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     builder = trt.Builder(logger)
     network, _parser = _strongly_typed_network(builder, onnx_path, logger)
     config = builder.create_builder_config()
+    # TF32 is on by default; Polygraphy's CreateConfig clears it unless asked (backend/trt/config.py), so
+    # FP32 layers compute in FP32 and the FP32 gate compares like with like.
+    config.clear_flag(trt.BuilderFlag.TF32)
     shapes = profile.shapes(chw)
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
@@ -221,7 +253,11 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     if options.hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     cache = config.create_timing_cache(read_timing_cache(options.timing_cache))
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # IBuilderConfig::setTimingCache returns false when the cache was made by another TensorRT or GPU
+    # (NvInfer.h); ignoring that would build without it and then overwrite the user's file.
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError(f"timing cache {options.timing_cache} was made by another TensorRT version or GPU: "
+                          "delete it or give another --timing-cache path")
     start = time.perf_counter()
     with step(f"Building TensorRT engine {output.name}"):
         plan = builder.build_serialized_network(network, config)
@@ -253,12 +289,13 @@ def load_manifest(plan: str | Path) -> dict | None:
 class TrtRunner:
     """A TensorRT plan as a Runner: numpy in, numpy out, torch CUDA tensors as buffers.
 
-    The manifest is checked against this machine before deserializing, so a plan from another
-    TensorRT version or GPU fails with a clear message. ``cuda_graph=True`` captures the enqueue for
-    each new input shape and replays it.
+    The manifest (``manifest``, else the plan's sidecar) is checked against this machine before
+    deserializing, so a plan from another TensorRT version or GPU fails with a clear message.
+    ``cuda_graph=True`` captures the enqueue once per input shape, each in its own execution context
+    with its own input and output buffers, and replays it.
     """
 
-    def __init__(self, plan: str | Path, cuda_graph: bool = False):
+    def __init__(self, plan: str | Path, cuda_graph: bool = False, manifest: dict | None = None):
         require_tensorrt(f"run {plan}")
         import tensorrt as trt
         import torch
@@ -266,7 +303,7 @@ class TrtRunner:
         from .console import warn
 
         plan = Path(plan)
-        manifest = load_manifest(plan)
+        manifest = manifest or load_manifest(plan)
         if manifest is None:
             warn(f"{plan} has no manifest ({manifest_path(plan).name}): its TensorRT version and GPU are unchecked")
         else:
@@ -275,57 +312,110 @@ class TrtRunner:
                 raise EngineError(f"{plan} cannot run here: {problem}; rebuild it here with: "
                                   f"resnet-export trt --onnx {manifest.get('onnx', 'MODEL.onnx')} -o {plan}")
         self.runtime = trt.Runtime(_logger())
+        if manifest and manifest.get("options", {}).get("version_compatible"):
+            # A version-compatible plan carries its own runtime code; the runtime must be allowed to
+            # run it before deserializing (sampleEngines.cpp; Polygraphy's EngineFromBytes does the same).
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT could not deserialize {plan} (see the TensorRT log above)")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self._dtypes = {n: getattr(torch, torch_dtype_name(self.engine.get_tensor_dtype(n).name, n)) for n in names}
+        self.context = self._new_context()
         self.stream = torch.cuda.Stream()
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple[int, ...], tuple] = {}
         self.name = f"trt:{plan.name}"
 
-    def _torch_dtype(self, name: str):
-        import tensorrt as trt
+    def _new_context(self):
+        context = self.engine.create_execution_context()
+        if context is None:  # createExecutionContext returns nullptr, e.g. when device memory runs out
+            raise EngineError("TensorRT could not create an execution context (see the TensorRT log above)")
+        return context
+
+    def _bind(self, context, batch, shape: tuple[int, ...]):
+        """Set the input shape and both addresses on ``context``; returns the new output tensor."""
         import torch
 
-        return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                trt.DataType.INT8: torch.int8, trt.DataType.INT32: torch.int32}[self.engine.get_tensor_dtype(name)]
+        # setInputShape returns false for a shape outside the optimization profile (NvInferRuntime.h);
+        # running anyway would read past the buffer or return the wrong rows.
+        if not context.set_input_shape(self.input_name, shape):
+            low, high = self.profile_min_batch, self.profile_max_batch
+            raise EngineError(f"batch shape {list(shape)} is outside the engine's profile (batch {low} to {high})")
+        out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self._dtypes[self.output_name],
+                          device=batch.device)
+        # setTensorAddress returns false for a misaligned or null address (TensorRT wants 256-byte alignment).
+        for name, tensor in ((self.input_name, batch), (self.output_name, out)):
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise EngineError(f"TensorRT refused the buffer address of '{name}' (it must be 256-byte aligned)")
+        return out
 
     def infer_device(self, batch):
-        """Run a CUDA tensor already on the device; returns the CUDA output tensor (no host copies)."""
+        """Run a CUDA tensor already on the device; returns the CUDA output tensor (no host copies).
+
+        The tensor returned belongs to the caller: with CUDA graphs it is a copy of the graph's buffer.
+        """
         import torch
 
         shape = tuple(batch.shape)
-        if self.cuda_graph and shape in self._graphs:
-            graph, static_in, static_out = self._graphs[shape]
-            static_in.copy_(batch)
-            graph.replay()
-            return static_out
-        batch = batch.to(self._torch_dtype(self.input_name)).contiguous()
-        self.context.set_input_shape(self.input_name, shape)
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
-                          dtype=self._torch_dtype(self.output_name), device=batch.device)
-        self.context.set_tensor_address(self.input_name, batch.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        # The input was made (and cast) on torch's current stream: order the engine's stream after it.
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise EngineError("TensorRT execution failed (see the TensorRT log above)")
-            if self.cuda_graph:  # the first run warms up; capture the same enqueue for replays
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self.context.execute_async_v3(self.stream.cuda_stream)
-                self._graphs[shape] = (graph, batch, out)
+            batch = batch.to(self._dtypes[self.input_name]).contiguous()
+            if self.cuda_graph and shape in self._graphs:
+                graph, static_in, static_out = self._graphs[shape][1:]
+                static_in.copy_(batch)
+                graph.replay()
+                out = static_out.clone()
+            elif self.cuda_graph:
+                out = self._capture(batch, shape)
+            else:
+                out = self._bind(self.context, batch, shape)
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise EngineError("TensorRT execution failed (see the TensorRT log above)")
         self.stream.synchronize()
         return out
+
+    def _capture(self, batch, shape: tuple[int, ...]):
+        """Run once and capture the enqueue for ``shape`` in a context and buffers of its own.
+
+        As trtexec does (sampleInference.cpp), a run comes first (TensorRT finishes its lazy set-up
+        outside the capture) and a failed capture falls back to plain enqueues for that shape.
+        """
+        import torch
+
+        context = self._new_context()
+        static_in = batch.clone()
+        static_out = self._bind(context, static_in, shape)
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError("TensorRT execution failed (see the TensorRT log above)")
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                captured = context.execute_async_v3(self.stream.cuda_stream)
+        except RuntimeError:
+            captured = False
+        if captured:
+            self._graphs[shape] = (context, graph, static_in, static_out)
+        else:
+            self.cuda_graph = False  # this engine cannot be captured: plain enqueues from now on
+            from .console import warn
+
+            warn("CUDA graph capture of the TensorRT enqueue failed: running without CUDA graphs")
+        return static_out.clone()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         tensor = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
         return self.infer_device(tensor).float().cpu().numpy()
+
+    @property
+    def profile_min_batch(self) -> int:
+        """The smallest batch the engine's optimization profile accepts."""
+        return self.engine.get_tensor_profile_shape(self.input_name, 0)[0][0]
 
     @property
     def profile_max_batch(self) -> int:

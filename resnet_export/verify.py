@@ -118,20 +118,23 @@ def gate_failures(metrics: dict, gate: Gate) -> list[str]:
     return failures
 
 
-def batch_plan(count: int, fixed_batch: int | None, max_batch: int = 8) -> list[int]:
-    """Batch sizes covering ``count`` samples: batch 1 first, then batches > 1 (the dynamic axis).
+def batch_plan(count: int, fixed_batch: int | None, max_batch: int = 8, min_batch: int = 1) -> list[int]:
+    """Batch sizes covering ``count`` samples: ``min_batch`` first, then batches up to ``max_batch``.
 
-    Two samples run as one batch of 2. A model with a fixed batch runs batches of exactly that size
-    (the last one padded).
+    Two samples run as one batch of 2. Every batch after the first has at least 2 rows (the dynamic
+    axis) and none leaves ``[min_batch, max_batch]``: a short last batch is padded (run_batches
+    repeats its last sample). A model with a fixed batch runs batches of exactly that size.
     """
     if fixed_batch:
         return [fixed_batch] * -(-count // fixed_batch)
-    if count <= 2:
+    if min_batch == max_batch:
+        return [max_batch] * -(-count // max_batch)
+    if count <= 2 and min_batch == 1:
         return [count]
-    rest = count - 1
-    sizes = [1] + [max_batch] * (rest // max_batch) + ([rest % max_batch] if rest % max_batch else [])
-    if sizes[-1] == 1 and len(sizes) > 2:  # keep every batch after the first larger than 1
-        sizes[-2:] = [sizes[-2] + 1]
+    rest = max(count - min_batch, 0)
+    sizes = [min_batch] + [max_batch] * (rest // max_batch)
+    if rest % max_batch:
+        sizes.append(max(rest % max_batch, min_batch, 2))
     return sizes
 
 
@@ -139,6 +142,8 @@ def run_batches(runner: Runner, array: np.ndarray, sizes: list[int]) -> np.ndarr
     """Run ``array`` through ``runner`` in batches of ``sizes``; pads a short last batch by repetition."""
     outputs, start = [], 0
     for size in sizes:
+        if start >= len(array):
+            break
         chunk = array[start:start + size]
         real = len(chunk)
         if real < size:
@@ -165,4 +170,7 @@ def verify(
     cand = run_batches(candidate, inputs.array, sizes)
     labels = inputs.labels_for(ref.shape[1])
     metrics = compare(ref, cand, None if labels is None else labels[:len(ref)])
-    return Verification(metrics, gate, gate_failures(metrics, gate), inputs.description, sizes)
+    described = inputs.description
+    if len(ref) < len(inputs.array):  # say what was compared, not what was loaded
+        described = f"the first {len(ref)} of {described}"
+    return Verification(metrics, gate, gate_failures(metrics, gate), described, sizes)

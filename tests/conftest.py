@@ -56,18 +56,43 @@ def resnet18_onnx(tmp_path_factory, resnet18_small):
 
 
 @pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    """A trained digits ResNet, its image folders and its verified FP32 ONNX (see tests/digits.py)."""
+def digit_images(tmp_path_factory):
+    """The digits as PNG files: (root, train folder, val folder)."""
+    from .digits import write_digit_images
+
+    root = tmp_path_factory.mktemp("digits")
+    return (root, *write_digit_images(root))
+
+
+def _trained_digits_model(digit_images, source: dict, name: str):
+    """Train ``load_model(**source)`` on the digits, export its verified FP32 ONNX, all under ``root/name``."""
     from types import SimpleNamespace
 
     from resnet_export.pipeline import onnx_from_model
 
-    from .digits import FACTORY, INPUT_SIZE, train_digits, write_digit_images
+    from .digits import train_digits
 
-    root = tmp_path_factory.mktemp("digits")
-    train, val = write_digit_images(root)
-    checkpoint = root / "digits.pth"
-    train_digits(train, checkpoint)
-    model = load_model(model=FACTORY, input_size=INPUT_SIZE, weights=str(checkpoint))
+    images, train, val = digit_images
+    root = images / name
+    root.mkdir()
+    checkpoint = root / f"{name}.pth"
+    train_digits(train, checkpoint, source=source)
+    model = load_model(**source, weights=str(checkpoint))
     fp32 = onnx_from_model(model, root / "fp32.onnx", images=val).path
     return SimpleNamespace(root=root, train=train, val=val, checkpoint=checkpoint, model=model, fp32=fp32)
+
+
+@pytest.fixture(scope="session")
+def digits(digit_images):
+    """A trained digits ResNet, its image folders and its verified FP32 ONNX (see tests/digits.py)."""
+    from .digits import DIGITS_RESNET
+
+    return _trained_digits_model(digit_images, DIGITS_RESNET, "digits_resnet")
+
+
+@pytest.fixture(scope="session")
+def digits_r18(digit_images):
+    """torchvision's ResNet-18 (1 channel, 10 classes) trained on the digits, with its FP32 ONNX."""
+    from .digits import RESNET18
+
+    return _trained_digits_model(digit_images, RESNET18, "resnet18")

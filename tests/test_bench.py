@@ -132,3 +132,33 @@ def test_bench_command_prints_its_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| torch | fp32 | 1 | wall clock, CPU |" in result.stdout and "| ort | fp32 | 1 |" in result.stdout
     assert (report / "report.json").is_file() and (report / "latency.png").is_file()
+
+
+def test_artifacts_are_keyed_by_everything_that_defines_the_model(tmp_path):
+    from resnet_export.bench import artifact_key
+    from resnet_export.models import load_model
+
+    from .conftest import USER_MODELS
+
+    small = {"arch": "resnet18", "num_classes": 10, "input_size": (32, 32)}
+    seed0, seed1 = load_model(**small, seed=0), load_model(**small, seed=1)
+    assert artifact_key(seed0, 0) != artifact_key(seed1, 1)
+    assert artifact_key(seed0, 0) == artifact_key(load_model(**small, seed=0), 0)
+    assert artifact_key(seed0, 0) != artifact_key(seed0, 0, opset=19)
+    factory = tmp_path / "models.py"
+    factory.write_text(USER_MODELS.read_text())
+    user = load_model(model=f"{factory}:cifar_resnet", input_size=(32, 32))
+    before = artifact_key(user, 0)
+    factory.write_text(USER_MODELS.read_text() + "\n# edited\n")
+    assert artifact_key(user, 0) != before  # same path, other content
+
+
+def test_bench_calibrates_on_npy(tmp_path):
+    arrays = tmp_path / "calib.npy"
+    np.save(arrays, np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "ort",
+                 "--precisions", "int8", "--batch-sizes", "2", "--warmup", "0", "--iters", "2", "--calib", arrays,
+                 "--report", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "report" / "report.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["iterations"] == 2

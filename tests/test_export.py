@@ -145,9 +145,16 @@ def test_compare_metrics_and_gates():
 
 
 @pytest.mark.parametrize("count, fixed, expected", [(1, None, [1]), (2, None, [2]), (6, None, [1, 5]),
-                                                    (10, None, [1, 9]), (12, None, [1, 8, 3]), (6, 4, [4, 4])])
+                                                    (10, None, [1, 8, 2]), (12, None, [1, 8, 3]), (6, 4, [4, 4])])
 def test_batch_plan(count, fixed, expected):
     assert batch_plan(count, fixed) == expected
+
+
+@pytest.mark.parametrize("count, low, high, expected", [(8, 4, 4, [4, 4]), (10, 4, 4, [4, 4, 4]), (10, 2, 8, [2, 8]),
+                                                        (12, 4, 8, [4, 8]), (13, 4, 8, [4, 8, 4]), (1, 1, 32, [1])])
+def test_batch_plan_stays_inside_an_engine_profile(count, low, high, expected):
+    sizes = batch_plan(count, None, max_batch=high, min_batch=low)
+    assert sizes == expected and all(low <= size <= high for size in sizes)
 
 
 def test_image_labels_follow_class_names_numbers_or_order(tmp_path, resnet18_small):

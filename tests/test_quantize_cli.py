@@ -112,10 +112,10 @@ def test_trt_without_tensorrt_keeps_the_onnx_and_says_how(tmp_path):
     out = tmp_path / "r18.plan"
     result = run("trt", *SMALL, "--int8", "--calib", IMAGES, "-o", out)
     assert_one_line_error(result, "cannot build", code=EXIT_TRT_UNAVAILABLE)
-    assert f"resnet-export trt --onnx {tmp_path / 'r18.onnx'} -o {out}" in result.stderr
-    assert (tmp_path / "r18.onnx").is_file() and (tmp_path / "r18.onnx.json").is_file()
+    assert f"resnet-export trt --onnx {tmp_path / 'r18.int8.onnx'} -o {out}" in result.stderr
+    assert (tmp_path / "r18.int8.onnx").is_file() and (tmp_path / "r18.int8.onnx.json").is_file()
     assert not out.exists()
-    manifest = json.loads((tmp_path / "r18.onnx.json").read_text())
+    manifest = json.loads((tmp_path / "r18.int8.onnx.json").read_text())
     assert manifest["source"]["reference"] == "torch" and manifest["conversion"]["target"] == "trt"
 
 
@@ -124,4 +124,4 @@ def test_trt_onnx_only_is_the_intended_stop(tmp_path):
     result = run("trt", *SMALL, "--fp16", "--onnx-only", "-o", out)
     assert result.exit_code == 0, result.output
     assert "--onnx-only: no engine built" in result.stdout
-    assert (tmp_path / "r18.onnx").is_file() and not out.exists()
+    assert (tmp_path / "r18.fp16.onnx").is_file() and not out.exists()

@@ -12,7 +12,9 @@ from resnet_export.trt import (
     check_profile,
     incompatibility,
     onnx_io,
+    profile_batch_sizes,
     read_timing_cache,
+    torch_dtype_name,
     unavailable_reason,
     write_timing_cache,
 )
@@ -54,9 +56,26 @@ def test_mismatch_messages_say_both_sides():
 def test_compatibility_options_widen_what_runs():
     built = {**BUILT, "options": {"version_compatible": True, "hardware_compatible": True}}
     assert incompatibility(built, {**BUILT, "tensorrt": "10.14.1", "compute_capability": "9.0"}) is None
-    assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "11.0.0"})
+    assert incompatibility(built, {**BUILT, "tensorrt": "11.0.0"}) is None  # 10 -> 11 is supported
+    assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "12.0.0"})
     assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "10.12.0"})
+    eleven = {**built, "tensorrt": "11.4.0"}
+    assert "TensorRT mismatch" in incompatibility(eleven, {**BUILT, "tensorrt": "10.14.1"})
+    assert incompatibility({**BUILT, "tensorrt": "8.6.1", "options": {"version_compatible": True}},
+                           {**BUILT, "tensorrt": "10.0.1"}) is None
     assert "GPU mismatch" in incompatibility(built, {**BUILT, "compute_capability": "7.5"})
+
+
+def test_a_manifest_without_versions_is_a_clear_mismatch():
+    assert "does not record the TensorRT version" in incompatibility({"onnx": "m.onnx"}, BUILT)
+
+
+def test_profile_batch_sizes_and_io_types():
+    assert profile_batch_sizes(1, 32) == [1, 32] and profile_batch_sizes(4, 4) == [4]
+    assert torch_dtype_name("HALF", "logits") == "float16" and torch_dtype_name("BF16", "x") == "bfloat16"
+    assert torch_dtype_name("INT64", "x") == "int64" and torch_dtype_name("BOOL", "x") == "bool"
+    with pytest.raises(EngineError, match="'x' has data type FP8, which this runner cannot feed"):
+        torch_dtype_name("FP8", "x")
 
 
 def test_timing_cache_files(tmp_path):
@@ -133,3 +152,36 @@ def test_engine_builds_runs_and_verifies(engines, precision):
     assert manifest["precision"]["dtype"] == precision and manifest["compute_capability"]
     assert manifest["verification"]["passed"] and manifest["profile"]["max"][0] == 8
 
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_rebuild_ignores_the_stale_manifest_of_the_plan_it_replaces(resnet18_onnx, tmp_path):
+    from resnet_export.pipeline import engine_from_onnx
+
+    plan = tmp_path / "r18.plan"
+    stale = {**BUILT, "tensorrt": "9.0.0", "compute_capability": "1.0"}  # as if built elsewhere
+    (tmp_path / "r18.plan.json").write_text(json.dumps(stale))
+    result = engine_from_onnx(resnet18_onnx.path, plan, BatchProfile(2, 4, 6))
+    assert result.verification.passed and result.verification.batch_sizes == [2, 6]  # inside the profile
+    assert json.loads((tmp_path / "r18.plan.json").read_text())["tensorrt"] != "9.0.0"
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_runner_refuses_a_batch_outside_the_profile_and_graphs_keep_outputs(engines):
+    import numpy as np
+
+    from resnet_export.trt import TrtRunner
+
+    plan = engines["fp32"].path
+    plain, graphs = TrtRunner(plan), TrtRunner(plan, cuda_graph=True)
+    with pytest.raises(EngineError, match="outside the engine's profile"):
+        plain.infer(np.zeros((9, 3, 64, 64), np.float32))
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 3, 64, 64), dtype=np.float32) for n in (2, 4, 2, 4)]
+    kept = [graphs.infer_device(torch.from_numpy(b).cuda()) for b in batches]  # shapes alternate
+    for batch, out in zip(batches, kept):
+        np.testing.assert_allclose(out.cpu().numpy(), plain.infer(batch), rtol=1e-4, atol=1e-4)
