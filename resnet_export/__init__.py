@@ -1,44 +1,49 @@
-"""resnet-export: deployable, verified artifacts from PyTorch residual networks."""
+"""resnet-export: deployable, verified artifacts from PyTorch residual networks.
 
-__version__ = "0.1.0"
+The public API is exposed lazily (PEP 562): ``import resnet_export`` imports neither torch nor ONNX
+Runtime; each name loads its module on first use, so the command line answers ``--help`` at once and
+each spawned quantization worker imports only what it runs.
+"""
 
-from .bench import run_matrix, write_reports  # noqa: E402
-from .data import image_inputs, random_inputs  # noqa: E402
-from .export import export_onnx, read_metadata  # noqa: E402
-from .fold import fold_batchnorm, fold_onnx_batchnorm  # noqa: E402
-from .models import load_model  # noqa: E402
-from .pipeline import (  # noqa: E402
-    engine_from_onnx,
-    fold_onnx_file,
-    onnx_from_model,
-    precision_from_onnx,
-    trt_from_source,
-    verify_artifact,
-)
-from .precision import quantize_int8, to_fp16  # noqa: E402
-from .trt import build_engine  # noqa: E402
-from .verify import GATES, compare, verify  # noqa: E402
+from ._version import __version__
 
-__all__ = [
-    "GATES",
-    "build_engine",
-    "compare",
-    "engine_from_onnx",
-    "export_onnx",
-    "fold_batchnorm",
-    "fold_onnx_batchnorm",
-    "fold_onnx_file",
-    "image_inputs",
-    "load_model",
-    "onnx_from_model",
-    "precision_from_onnx",
-    "quantize_int8",
-    "random_inputs",
-    "read_metadata",
-    "run_matrix",
-    "to_fp16",
-    "trt_from_source",
-    "verify",
-    "verify_artifact",
-    "write_reports",
-]
+#: Public name -> the module that defines it.
+_API = {
+    "GATES": "verify",
+    "build_engine": "trt",
+    "compare": "verify",
+    "engine_from_onnx": "pipeline",
+    "export_onnx": "export",
+    "fold_batchnorm": "fold",
+    "fold_onnx_batchnorm": "fold",
+    "fold_onnx_file": "pipeline",
+    "image_inputs": "data",
+    "load_model": "models",
+    "onnx_from_model": "pipeline",
+    "precision_from_onnx": "pipeline",
+    "quantize_int8": "precision",
+    "random_inputs": "data",
+    "read_metadata": "export",
+    "run_matrix": "bench",
+    "to_fp16": "precision",
+    "trt_from_source": "pipeline",
+    "verify": "verify",
+    "verify_artifact": "pipeline",
+    "write_reports": "bench",
+}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'resnet_export' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .console import console, warn
 from .errors import EXIT_USER_ERROR, ResnetExportError, ResnetExportWarning, first_line
 

@@ -81,7 +81,7 @@ def _quiet_torch_logging():
 
 def set_metadata(model: onnx.ModelProto, values: dict) -> None:
     """Store ``values`` (JSON-serialisable) in ``metadata_props`` under the toolkit's prefix."""
-    from . import __version__
+    from ._version import __version__
 
     values = {"version": __version__, **values}
     existing = {p.key: p for p in model.metadata_props}

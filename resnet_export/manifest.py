@@ -137,7 +137,7 @@ def library_versions(*names: str) -> dict[str, str | None]:
 
 def write_manifest(artifact: str | os.PathLike, stage: str, **sections) -> Path:
     """Write ``artifact``'s sidecar manifest with its hash, the stage that made it and ``sections``."""
-    from . import __version__
+    from ._version import __version__
 
     data = {
         "schema": MANIFEST_SCHEMA,

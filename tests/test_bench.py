@@ -51,6 +51,7 @@ def _row(rows, backend, precision, batch):
     return next(r for r in rows if (r.backend, r.precision, r.batch) == (backend, precision, batch))
 
 
+@pytest.mark.slow
 def test_matrix_measures_and_checks_every_row(matrix):
     _, _, rows, env = matrix
     for backend in ("torch", "ort", "openvino"):
@@ -63,6 +64,7 @@ def test_matrix_measures_and_checks_every_row(matrix):
     assert env["threads"] == 2 and env["versions"]["torch"]
 
 
+@pytest.mark.slow
 def test_gaps_are_stated(matrix):
     _, _, rows, _ = matrix
     torch_int8 = _row(rows, "torch", "int8", 1)
@@ -71,6 +73,7 @@ def test_gaps_are_stated(matrix):
     assert trt.status in ("skipped", "ok") and (trt.status == "ok" or trt.reason)
 
 
+@pytest.mark.slow
 def test_artifacts_are_reused_and_keyed_by_calibration(matrix):
     model, folder, _, _ = matrix
     calibration = np.random.default_rng(5).standard_normal((16, 3, 32, 32), dtype=np.float32)
@@ -98,6 +101,7 @@ def test_a_crash_is_an_error_row():
     assert row.status == "error" and row.reason == "device lost"
 
 
+@pytest.mark.slow
 def test_reports(matrix, tmp_path):
     model, _, rows, env = matrix
     paths = write_reports(rows, env, model.name, tmp_path)
@@ -125,6 +129,7 @@ def test_bench_unwritable_report(tmp_path):
     assert_one_line_error(run("bench", "--report", "/proc/resnet-export-report"), "is not writable")
 
 
+@pytest.mark.slow
 def test_bench_command_prints_its_report(tmp_path):
     report = tmp_path / "nested" / "report"
     result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,ort",
@@ -153,6 +158,7 @@ def test_artifacts_are_keyed_by_everything_that_defines_the_model(tmp_path):
     assert artifact_key(user, 0) != before  # same path, other content
 
 
+@pytest.mark.slow
 def test_bench_calibrates_on_npy(tmp_path):
     arrays = tmp_path / "calib.npy"
     np.save(arrays, np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))

@@ -144,3 +144,15 @@ def test_bad_option_values_are_usage_errors(tmp_path):
 def test_python_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "resnet_export", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "resnet-export, version" in result.stdout
+
+
+def test_importing_the_package_imports_no_heavy_library():
+    """`import resnet_export` and the CLI module stay light (the API loads lazily); names still resolve."""
+    import subprocess
+    import sys
+
+    code = ("import sys, resnet_export, resnet_export.cli\n"
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'modelopt') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert callable(resnet_export.load_model) and 'torch' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -56,6 +56,7 @@ def test_dynamic_batch_runs_any_size(resnet18_onnx, resnet18_small):
     np.testing.assert_allclose(runner.infer(x), reference.infer(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resnet50_export_verifies(tmp_path):
     result = onnx_from_model(loaded(arch="resnet50", input_size=(64, 64)), tmp_path / "r50.onnx")
     _assert_deployable(result.path)
@@ -63,6 +64,7 @@ def test_resnet50_export_verifies(tmp_path):
 
 
 @pytest.mark.parametrize("factory, size", [("d2l_resnet18", (96, 96)), ("cifar_resnet", (32, 32))])
+@pytest.mark.slow
 def test_custom_models_export_and_verify(tmp_path, factory, size):
     model = loaded(model=f"{USER_MODELS}:{factory}", input_size=size)
     result = onnx_from_model(model, tmp_path / "m.onnx", images=IMAGES)

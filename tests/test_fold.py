@@ -36,7 +36,11 @@ def _assert_folds_exactly(model, shape):
     assert _bn_count(model) == before  # the original is untouched
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+#: Archs folded in the quick loop (`-m "not slow"`); the rest in the full run.
+QUICK_ARCHS = ("resnet18", "resnet50", "resnext50_32x4d")
+
+
+@pytest.mark.parametrize("arch", [a if a in QUICK_ARCHS else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
 def test_every_arch_folds_every_batchnorm(arch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -37,11 +37,13 @@ def int8_cpu(digits):
                                calib_size=CALIB, val=digits.val, reference=TorchRunner(digits.model.module))
 
 
+@pytest.mark.slow
 def test_the_reference_model_is_really_trained(digits, fp16):
     assert fp16.verification.metrics["accuracy_reference"] >= 0.95
     assert fp16.verification.metrics["samples"] == 449
 
 
+@pytest.mark.slow
 def test_fp16_keeps_accuracy(fp16):
     assert fp16.verification.passed
     assert _accuracy_drop(fp16) <= 0.2
@@ -51,6 +53,7 @@ def test_fp16_keeps_accuracy(fp16):
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
+@pytest.mark.slow
 def test_int8_trt_target_keeps_accuracy_with_trt_placement(int8_trt):
     assert int8_trt.verification.passed and _accuracy_drop(int8_trt) <= 1.0
     model = onnx.load(str(int8_trt.path))
@@ -67,6 +70,7 @@ def test_int8_trt_target_keeps_accuracy_with_trt_placement(int8_trt):
     assert manifest["conversion"]["calibration_samples"] == CALIB and manifest["verification"]["passed"]
 
 
+@pytest.mark.slow
 def test_int8_cpu_target_is_u8_activations_s8_per_channel_weights(int8_cpu):
     assert int8_cpu.verification.passed and _accuracy_drop(int8_cpu) <= 1.0
     model = onnx.load(str(int8_cpu.path))
@@ -78,6 +82,7 @@ def test_int8_cpu_target_is_u8_activations_s8_per_channel_weights(int8_cpu):
     assert all(len(onnx.numpy_helper.to_array(inits[n.input[1]]).shape) == 1 for n in weight_dq)  # per channel
 
 
+@pytest.mark.slow
 def test_percentile_for_trt_keeps_the_placement_with_other_ranges(digits, int8_trt):
     result = precision_from_onnx(digits.fp32, digits.root / "int8_pct.onnx", "int8", digits.train, "trt", "percentile",
                                  calib_size=CALIB, val=digits.val)
@@ -113,6 +118,7 @@ def test_sensitivity_search_keeps_layers_in_higher_precision(digits_r18):
     assert manifest["sensitivity"]["excluded"] and manifest["sensitivity"]["metrics_before"]
 
 
+@pytest.mark.slow
 def test_missed_gate_keeps_artifact(digits, tmp_path):
     """Calibrating on constant inputs gives useless ranges: the gate must catch it."""
     constant = tmp_path / "constant.npy"

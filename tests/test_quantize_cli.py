@@ -9,6 +9,7 @@ import pytest
 from resnet_export.data import load_image
 from resnet_export.errors import EXIT_TRT_UNAVAILABLE
 from resnet_export.models import default_preprocessing
+from resnet_export.sensitivity import rank_quantized_convs
 from resnet_export.trt import unavailable_reason
 
 from .conftest import IMAGES
@@ -24,6 +25,10 @@ def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
     assert "vs 2 images" in result.stdout  # the two images not used for calibration
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
     assert manifest["qdq"]["quantized_convs"] == 20 and manifest["settings"]["target"] == "cpu"
+    inputs = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    ranking = rank_quantized_convs(resnet18_onnx.path, out, inputs)  # what the sensitivity search orders by
+    assert len(ranking) == 20 and all(np.isfinite(score) for _, score in ranking)
+    assert [score for _, score in ranking] == sorted((score for _, score in ranking), reverse=True)
 
 
 def test_quantize_fp16(resnet18_onnx, tmp_path):
@@ -39,6 +44,7 @@ def test_images_are_converted_to_the_model_channels():
             assert load_image(path, spec).shape == (channels, 32, 32)
 
 
+@pytest.mark.slow
 def test_fewer_images_than_calib_size_warns(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu", "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
@@ -46,6 +52,7 @@ def test_fewer_images_than_calib_size_warns(resnet18_onnx, tmp_path):
     assert "verifying on the calibration images" in result.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted(resnet18_onnx, tmp_path):
     calib = tmp_path / "calib"
     shutil.copytree(IMAGES, calib)
@@ -94,6 +101,7 @@ def test_quantize_input_missing_or_not_onnx(tmp_path):
     assert_one_line_error(run("quantize", bad, "--fp16", "-o", tmp_path / "q.onnx"), "is not an ONNX model")
 
 
+@pytest.mark.slow
 def test_npy_calibration_data(resnet18_onnx, tmp_path):
     arrays = tmp_path / "calib.npy"
     np.save(arrays, np.random.default_rng(0).standard_normal((12, 3, 64, 64)).astype(np.float32))
@@ -108,6 +116,7 @@ def test_npy_calibration_data(resnet18_onnx, tmp_path):
 
 
 @pytest.mark.skipif(unavailable_reason() is None, reason="TensorRT and a GPU are present: the engine gets built")
+@pytest.mark.slow
 def test_trt_without_tensorrt_keeps_the_onnx_and_says_how(tmp_path):
     out = tmp_path / "r18.plan"
     result = run("trt", *SMALL, "--int8", "--calib", IMAGES, "-o", out)
@@ -119,6 +128,7 @@ def test_trt_without_tensorrt_keeps_the_onnx_and_says_how(tmp_path):
     assert manifest["source"]["reference"] == "torch" and manifest["conversion"]["target"] == "trt"
 
 
+@pytest.mark.slow
 def test_trt_onnx_only_is_the_intended_stop(tmp_path):
     out = tmp_path / "r18.plan"
     result = run("trt", *SMALL, "--fp16", "--onnx-only", "-o", out)

@@ -80,6 +80,7 @@ def test_rest_fp32_on_request_and_inspect_shows_it(digits_r18, tmp_path):
     assert shown["precision"]["rest"] == "fp32" and shown["manifest"]["rest"]["chosen"] == "fp32"
 
 
+@pytest.mark.slow
 def test_auto_tries_the_fp32_rest_with_the_same_ranges_when_fp16_misses(digits_r18, tmp_path):
     """Max-calibrated on blank inputs, both rests miss the gate: both are recorded, the FP32 one reused the ranges."""
     blank = tmp_path / "blank.npy"
