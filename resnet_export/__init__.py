@@ -23,7 +23,7 @@ _API = {
     "precision_from_onnx": "pipeline",
     "quantize_int8": "precision",
     "random_inputs": "data",
-    "read_metadata": "export",
+    "read_metadata": "onnx_graph",
     "run_matrix": "bench",
     "to_fp16": "precision",
     "trt_from_source": "pipeline",

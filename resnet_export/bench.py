@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .console import console, warn
-from .errors import ResnetExportError, first_line
+from .errors import OutputError, ResnetExportError, first_line
 from .manifest import library_versions
 from .models import LoadedModel
 from .verify import compare
@@ -405,6 +405,33 @@ def _add_speedups(rows: list[Row]) -> None:
     for row in rows:
         if row.throughput and baseline.get(row.batch):
             row.speedup_vs_torch = row.throughput / baseline[row.batch]
+
+
+def prepare_report(folder: Path) -> None:
+    """Create the report folder, or raise OutputError when it cannot be written."""
+    from .manifest import check_writable_dir
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"report directory {folder} is not writable ({exc.strerror})") from exc
+    check_writable_dir(folder / "report.json")
+
+
+def run_benchmark(loaded: LoadedModel, report: Path, backends: tuple[str, ...], precisions: tuple[str, ...],
+                  settings: Settings, calib: Path | None = None, calib_size: int = 64, seed: int = 0) -> dict[str, Path]:
+    """``resnet-export bench``: run the matrix (INT8 calibrated on ``calib`` when given) and write the reports.
+
+    Artifacts are built or reused under ``report/artifacts``; returns the report paths by name.
+    """
+    from .data import calibration_data
+
+    prepare_report(report)
+    calibration = None
+    if calib:
+        calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
+    rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
+    return write_reports(rows, env, loaded.name, report)
 
 
 # --------------------------------------------------------------------------- reports

@@ -328,25 +328,12 @@ def inspect(artifact):
               help="Report folder: report.json, report.md, throughput.png, latency.png; artifacts/ inside.")
 def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, threads, calib, calib_size, report):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
-    from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, run_matrix, write_reports
-    from .errors import OutputError
-    from .manifest import check_writable_dir
+    from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, prepare_report, run_benchmark
 
     backends = parse_list(backends, BACKENDS, "backend")
     precisions = parse_list(precisions, PRECISIONS, "precision")
     settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads)
-    try:
-        report.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"report directory {report} is not writable ({exc.strerror})") from exc
-    check_writable_dir(report / "report.json")
-    loaded = load()
-    calibration = None
-    if calib:
-        from .pipeline import calibration_data
-
-        calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
-    rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
-    paths = write_reports(rows, env, loaded.name, report)
+    prepare_report(report)  # before the model loads: a bad folder fails at once
+    paths = run_benchmark(load(), report, backends, precisions, settings, calib, calib_size, seed)
     click.echo(paths["report.md"].read_text())
     click.echo(f"Reports: {', '.join(str(p) for p in paths.values())}")

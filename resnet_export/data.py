@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .console import console, warn
 from .errors import ResnetExportError
-from .models import Preprocessing
+from .preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -185,3 +189,26 @@ def random_inputs(spec: Preprocessing, count: int = 8, seed: int = 0) -> Inputs:
     rng = np.random.default_rng(seed)
     array = rng.standard_normal((count, spec.channels, *spec.input_size), dtype=np.float32)
     return Inputs(array, None, f"{count} seeded random inputs (seed {seed})")
+
+
+def verification_inputs(loaded: "LoadedModel", images: str | Path | None, count: int = 8, seed: int = 0) -> Inputs:
+    """Real images from ``images`` when given, else ``count`` seeded random inputs."""
+    if images:
+        return image_inputs(images, loaded.preprocessing)
+    return random_inputs(loaded.preprocessing, count, seed)
+
+
+def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int,
+                     held_out: bool = True) -> tuple[Inputs, Inputs | None]:
+    """Calibration inputs and the held-out rest (when ``held_out``) from an image folder or a ``.npy``/``.npz``."""
+    calib = Path(calib)
+    if calib.is_file() and calib.suffix in (".npy", ".npz"):
+        arrays = array_inputs(calib, spec)
+        if len(arrays.array) < size:
+            warn(f"{calib} has {len(arrays.array)} arrays, fewer than --calib-size {size}: calibrating on all")
+        head, rest = arrays.array[:size], arrays.array[size:]
+        kept = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) and held_out else None
+        return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept
+    if not calib.is_dir():
+        raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
+    return calibration_split(calib, spec, size, seed, held_out_limit=500 if held_out else 0)

@@ -24,8 +24,7 @@ def describe(artifact: str | Path) -> dict:
 def _describe_onnx(path: Path) -> dict:
     import onnx
 
-    from .export import graph_inputs, load_onnx, op_counts, read_metadata
-    from .precision import qdq_summary
+    from .onnx_graph import graph_inputs, load_onnx, op_counts, qdq_summary, read_metadata
 
     model = load_onnx(path)
 

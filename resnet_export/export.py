@@ -7,10 +7,8 @@ preprocessing spec and provenance in ``metadata_props`` for later stages.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -20,13 +18,13 @@ from torch import nn
 from .errors import OnnxError, first_line, root_cause
 from .fold import FoldReport, fold_onnx_batchnorm
 from .manifest import atomic_output
-from .models import Preprocessing
+from .onnx_graph import set_metadata
+from .preprocessing import Preprocessing
 
 #: Opset 20: the torch dynamo exporter's native opset, and ModelOpt's quantizer and AutoCast need >= 19.
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the dynamo exporter's minimum
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-META_PREFIX = "resnet_export."
 
 
 def export_onnx(
@@ -77,52 +75,3 @@ def _quiet_torch_logging():
         yield
     finally:
         logger.setLevel(level)
-
-
-def set_metadata(model: onnx.ModelProto, values: dict) -> None:
-    """Store ``values`` (JSON-serialisable) in ``metadata_props`` under the toolkit's prefix."""
-    from ._version import __version__
-
-    values = {"version": __version__, **values}
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        prop = existing.get(META_PREFIX + key) or model.metadata_props.add()
-        prop.key, prop.value = META_PREFIX + key, json.dumps(value)
-    model.producer_name = "resnet-export"
-    model.producer_version = __version__
-
-
-def read_metadata(path_or_model) -> dict:
-    """The toolkit's ``metadata_props`` of an ONNX file or model, decoded (empty for foreign files)."""
-    model = load_onnx(path_or_model, load_weights=False) if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
-    return {
-        p.key[len(META_PREFIX):]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(META_PREFIX)
-    }
-
-
-def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file, or raise one line saying why it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxError(f"ONNX file {path} not found")
-    try:
-        return onnx.load(str(path), load_external_data=load_weights)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from exc
-
-
-def graph_inputs(model: onnx.ModelProto) -> list:
-    """The model's real inputs (old exporters also list initializers as graph inputs)."""
-    initializers = {init.name for init in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
-
-
-def input_dims(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
-    """Name and dims (None where dynamic) of the model's first input."""
-    first = graph_inputs(model)[0]
-    return first.name, [d.dim_value or None for d in first.type.tensor_type.shape.dim]
-
-
-def op_counts(model: onnx.ModelProto) -> Counter:
-    """How many nodes of each op type the main graph has."""
-    return Counter(node.op_type for node in model.graph.node)

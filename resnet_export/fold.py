@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .errors import ModelError
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass
@@ -197,3 +203,22 @@ def _drop_unused_initializers(graph) -> None:
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+#: Largest relative error (to max |logit|) the PyTorch-level fold may introduce.
+FOLD_TOLERANCE = 1e-4
+
+
+def checked_fold(loaded: "LoadedModel", seed: int = 0) -> tuple[nn.Module, FoldReport, float]:
+    """Fold BatchNorm and check the folded module against the original; returns the relative error."""
+    from .data import random_inputs
+    from .models import run_forward
+
+    example = torch.from_numpy(random_inputs(loaded.preprocessing, 2, seed).array)
+    reference = run_forward(loaded.module, example)
+    folded, report = fold_batchnorm(loaded.module)
+    result = run_forward(folded, example)
+    error = float((result - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+    if not error <= FOLD_TOLERANCE:
+        raise ModelError(f"BatchNorm folding changed the outputs (relative error {error:.3g} > {FOLD_TOLERANCE})")
+    return folded, report, error

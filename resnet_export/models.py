@@ -13,7 +13,7 @@ import pickle
 import re
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError, ResnetExportWarning, first_line
 from .manifest import sha256_file
+from .preprocessing import Preprocessing
 
 #: The torchvision ResNet-family builders this toolkit supports, by name.
 ARCHS = (
@@ -44,29 +45,6 @@ CROP_RATIO = 224 / 256
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 KEY_PREFIXES = ("module.", "_orig_mod.")
-
-
-@dataclass
-class Preprocessing:
-    """How an image becomes the model's input; stored in the ONNX so later stages reuse it."""
-
-    input_size: tuple[int, int]  # (H, W) the model takes
-    resize: int  # shorter side is resized to this, then center-cropped to input_size
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int
-    interpolation: str = "bilinear"
-    class_names: list[str] | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
-        data = dict(data)
-        for key in ("input_size", "mean", "std"):
-            data[key] = tuple(data[key])
-        return cls(**data)
 
 
 @dataclass

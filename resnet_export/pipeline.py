@@ -1,4 +1,10 @@
-"""The stages composed: model -> folded model -> FP32 ONNX, verified against PyTorch, with manifest."""
+"""The stages composed, each verified and given its manifest.
+
+model -> folded model -> FP32 ONNX (``onnx_from_model``); foreign ONNX -> folded ONNX
+(``fold_onnx_file``); FP32 ONNX -> FP16 / INT8 ONNX (``precision_from_onnx``); ONNX -> engine
+(``engine_from_onnx``); all of it for ``resnet-export trt`` (``trt_from_source``); any artifact
+against PyTorch (``verify_artifact``).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .console import step, warn
-from .data import DataError, Inputs, array_inputs, calibration_split, image_inputs, random_inputs
-from .errors import ModelError, OnnxError, first_line
-from .export import DEFAULT_OPSET, export_onnx, input_dims, load_onnx, read_metadata
-from .fold import FoldReport, fold_batchnorm, fold_onnx_batchnorm, to_inference_mode
+from .data import Inputs, calibration_data, image_inputs, random_inputs, verification_inputs
+from .errors import OnnxError, first_line
+from .export import DEFAULT_OPSET, export_onnx
+from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mode
 from .manifest import atomic_output, check_not_input, check_writable_dir, sha256_file, write_manifest
-from .models import LoadedModel, Preprocessing, model_files, run_forward
-from .precision import RESTS, PrecisionError, check_method, qdq_summary, quantize_int8, to_fp16
+from .models import LoadedModel, model_files
+from .onnx_graph import input_spec, load_onnx, onnx_preprocessing, qdq_summary, read_metadata
+from .precision import RESTS, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .sensitivity import rank_quantized_convs
 from .trt import (
@@ -32,10 +37,6 @@ from .trt import (
 )
 from .verify import GATES, Verification, batch_plan, verify
 
-#: Largest relative error (to max |logit|) the PyTorch-level fold may introduce.
-FOLD_TOLERANCE = 1e-4
-
-
 @dataclass
 class OnnxResult:
     """What ``onnx_from_model`` produced."""
@@ -45,25 +46,6 @@ class OnnxResult:
     onnx_fold: FoldReport
     fold_error: float
     verification: Verification | None
-
-
-def verification_inputs(loaded: LoadedModel, images: str | Path | None, count: int = 8, seed: int = 0) -> Inputs:
-    """Real images from ``images`` when given, else ``count`` seeded random inputs."""
-    if images:
-        return image_inputs(images, loaded.preprocessing)
-    return random_inputs(loaded.preprocessing, count, seed)
-
-
-def checked_fold(loaded: LoadedModel, seed: int = 0) -> tuple[torch.nn.Module, FoldReport, float]:
-    """Fold BatchNorm and check the folded module against the original; returns the relative error."""
-    example = torch.from_numpy(random_inputs(loaded.preprocessing, 2, seed).array)
-    reference = run_forward(loaded.module, example)
-    folded, report = fold_batchnorm(loaded.module)
-    result = run_forward(folded, example)
-    error = float((result - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
-    if not error <= FOLD_TOLERANCE:
-        raise ModelError(f"BatchNorm folding changed the outputs (relative error {error:.3g} > {FOLD_TOLERANCE})")
-    return folded, report, error
 
 
 def onnx_from_model(
@@ -145,7 +127,7 @@ def fold_onnx_file(source: str | Path, output: str | Path, run_verification: boo
         onnx.save(model, str(tmp))
     verification = None
     if run_verification:
-        inputs = random_inputs(_input_spec(model), 8, seed)
+        inputs = random_inputs(input_spec(model), 8, seed)
         with step(f"Verifying {output} against {source} on ONNX Runtime"):
             candidate = OrtRunner(output)
             reference_runner = OrtRunner(reference)
@@ -161,18 +143,6 @@ def fold_onnx_file(source: str | Path, output: str | Path, run_verification: boo
     if verification is not None:
         verification.raise_if_failed(f"{output} differs from {source}", " (artifact kept)")
     return FoldOnnxResult(output, report, switched, verification)
-
-
-def _input_spec(model) -> Preprocessing:
-    """Input shape of a (possibly foreign) ONNX model: its metadata, else its static dims, else 224."""
-    stored = read_metadata(model).get("preprocessing")
-    if stored:
-        return Preprocessing.from_dict(stored)
-    name, dims = input_dims(model)
-    if len(dims) != 4:
-        raise OnnxError(f"input '{name}' has {len(dims)} dims; expected (N, C, H, W)")
-    channels, height, width = dims[1] or 3, dims[2] or 224, dims[3] or 224
-    return Preprocessing((height, width), max(height, width), (0.0,) * channels, (1.0,) * channels, channels)
 
 
 # --------------------------------------------------------------------------- precision
@@ -193,27 +163,6 @@ class PrecisionResult:
     before: dict | None = None
     attempts: list[dict] = field(default_factory=list)
     random_weights: bool = False
-
-
-def onnx_preprocessing(path: str | Path) -> Preprocessing:
-    """The preprocessing stored at export, or one derived from the input shape of a foreign ONNX."""
-    return _input_spec(load_onnx(path, load_weights=False))
-
-
-def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int,
-                     held_out: bool = True) -> tuple[Inputs, Inputs | None]:
-    """Calibration inputs and the held-out rest (when ``held_out``) from an image folder or a ``.npy``/``.npz``."""
-    calib = Path(calib)
-    if calib.is_file() and calib.suffix in (".npy", ".npz"):
-        arrays = array_inputs(calib, spec)
-        if len(arrays.array) < size:
-            warn(f"{calib} has {len(arrays.array)} arrays, fewer than --calib-size {size}: calibrating on all")
-        head, rest = arrays.array[:size], arrays.array[size:]
-        kept = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) and held_out else None
-        return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept
-    if not calib.is_dir():
-        raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
-    return calibration_split(calib, spec, size, seed, held_out_limit=500 if held_out else 0)
 
 
 REST_CHOICES = ("auto", *RESTS)

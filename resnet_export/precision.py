@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from .console import console
 from .errors import OnnxError, ResnetExportError, first_line
-from .export import input_dims, load_onnx, read_metadata, set_metadata
+from .onnx_graph import input_dims, load_onnx, read_metadata, set_metadata
 from .manifest import atomic_output
 
 TARGETS = ("trt", "cpu")
@@ -333,19 +333,3 @@ def _quantize_cpu(model: Path, output: Path, reader: CalibrationReader, method: 
         nodes_to_exclude=exclude,
         extra_options={"CalibPercentile": PERCENTILE},
     )
-
-
-def qdq_summary(path_or_model) -> dict:
-    """Counts that show a model's precision: Q/DQ pairs, quantized convs, FP16 initializers, BatchNorms."""
-    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load_onnx(path_or_model)
-    producers = {out: node for node in model.graph.node for out in node.output}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    quantized = [c for c in convs if getattr(producers.get(c.input[0]), "op_type", None) == "DequantizeLinear"]
-    return {
-        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
-        "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in model.graph.node),
-        "convs": len(convs),
-        "quantized_convs": len(quantized),
-        "fp16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer),
-        "batchnorms": sum(n.op_type == "BatchNormalization" for n in model.graph.node),
-    }

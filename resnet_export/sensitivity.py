@@ -12,16 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .onnx_graph import quantized_convs
 from .runners import OrtRunner
-
-
-def quantized_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Conv nodes whose activation input comes from a DequantizeLinear."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    return [
-        node for node in model.graph.node
-        if node.op_type == "Conv" and getattr(producers.get(node.input[0]), "op_type", None) == "DequantizeLinear"
-    ]
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[bytes, list[str]]:

@@ -85,7 +85,7 @@ def check_profile(profile: BatchProfile, onnx_batch: int | None) -> BatchProfile
 
 def onnx_io(path: str | Path) -> tuple[str, int | None, tuple[int, int, int]]:
     """Input name, fixed batch (None when dynamic) and (C, H, W) of an ONNX model's input."""
-    from .export import input_dims, load_onnx
+    from .onnx_graph import input_dims, load_onnx
 
     name, dims = input_dims(load_onnx(path, load_weights=False))
     if len(dims) != 4 or None in dims[1:]:
@@ -228,7 +228,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     options = options or BuildOptions()
 
     from .console import step
-    from .export import read_metadata
+    from .onnx_graph import read_metadata
 
     onnx_path, output = Path(onnx_path), Path(output)
     input_name, onnx_batch, chw = onnx_io(onnx_path)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from resnet_export.errors import GateFailed, OnnxError
-from resnet_export.export import export_onnx, op_counts, read_metadata
+from resnet_export.export import export_onnx
+from resnet_export.onnx_graph import op_counts, read_metadata
 from resnet_export.manifest import atomic_output
 from resnet_export.models import LoadedModel, default_preprocessing
 from resnet_export.pipeline import onnx_from_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resnet_export.errors import OnnxError
-from resnet_export.export import op_counts
+from resnet_export.onnx_graph import op_counts
 from resnet_export.fold import fold_batchnorm, fold_onnx_batchnorm, to_inference_mode
 from resnet_export.models import ARCHS, load_model
 from resnet_export.pipeline import fold_onnx_file

@@ -8,7 +8,8 @@ import pytest
 
 from resnet_export.errors import GateFailed
 from resnet_export.pipeline import precision_from_onnx
-from resnet_export.precision import PrecisionError, check_method, qdq_summary
+from resnet_export.onnx_graph import qdq_summary
+from resnet_export.precision import PrecisionError, check_method
 from resnet_export.runners import TorchRunner
 
 CALIB = 256
