@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import json
 import os
 import platform
@@ -20,11 +21,13 @@ from typing import Callable
 
 import numpy as np
 
-from .console import console, warn
+from .progress import task
 from .errors import OutputError, ResnetExportError, first_line
 from .manifest import library_versions
 from .models import LoadedModel
 from .verify import compare
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "openvino")
@@ -337,8 +340,6 @@ def run_matrix(
 ) -> tuple[list[Row], dict]:
     """Measure every backend x precision x batch; returns the rows and the environment."""
     import torch
-    from rich.progress import Progress
-
     from .runners import TorchRunner
 
     if settings.threads:
@@ -354,26 +355,24 @@ def run_matrix(
     expected = {b: reference.infer(x) for b, x in batches.items()}
     rows: list[Row] = []
     combos = [(b, p) for b in backends for p in precisions]
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("Benchmark", total=len(combos) * len(settings.batch_sizes))
+    with task(log, "Benchmark", len(combos) * len(settings.batch_sizes)) as advance:
         for backend, precision in combos:
-            progress.update(task, description=f"Benchmark {backend} {precision}")
             reason = backend_unavailable(backend) or precision_unsupported(backend, precision)
             if reason:
                 rows += [Row(backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
-                progress.advance(task, len(settings.batch_sizes))
+                advance(len(settings.batch_sizes))
                 continue
             try:
                 runners = make_runners(backend, precision, artifacts, settings)
             except Exception as exc:  # an artifact or session failed: an error row, the matrix goes on
                 rows += [Row(backend, precision, b, "error", first_line(exc)) for b in settings.batch_sizes]
-                progress.advance(task, len(settings.batch_sizes))
+                advance(len(settings.batch_sizes))
                 continue
             for batch in settings.batch_sizes:
                 for label, runner, clock in runners:
                     rows.append(measure(backend, precision, batch, label, runner, clock, batches[batch],
                                          expected[batch], settings))
-                progress.advance(task)
+                advance()
     _add_speedups(rows)
     return rows, environment(settings.threads)
 
@@ -396,7 +395,7 @@ def measure(backend: str, precision: str, batch: int, label: str, runner, clock,
         row.latency_ms, row.throughput = latency_stats(timings, batch)
     except Exception as exc:  # a backend that crashes mid-run is recorded, the rest still runs
         row.status, row.reason = "error", first_line(exc)
-        warn(f"{backend} {precision} batch {batch} failed: {row.reason}")
+        log.warning(f"{backend} {precision} batch {batch} failed: {row.reason}")
     return row
 
 

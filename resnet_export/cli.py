@@ -14,18 +14,25 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .console import console, warn
-from .errors import EXIT_USER_ERROR, ResnetExportError, ResnetExportWarning, first_line
+from .console import RichListener, RichLogHandler, as_flags, console
+from .errors import EXIT_USER_ERROR, ResnetExportError, first_line
 
 
 class ToolkitGroup(click.Group):
-    """A click group that turns toolkit errors into one line and an exit code."""
+    """A click group that shows the library's logs and progress, and turns its errors into one line."""
 
     def invoke(self, ctx: click.Context):
+        import logging
+
+        from .progress import set_listener
+
         debug = ctx.params.get("debug", False)
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("always", ResnetExportWarning)
-        warnings.showwarning = lambda message, *args, **kwargs: warn(str(message))
+        warnings.simplefilter("ignore")  # third-party chatter; the toolkit reports through logging
+        library = logging.getLogger("resnet_export")
+        handler, level = RichLogHandler(), library.level
+        library.addHandler(handler)
+        library.setLevel(logging.DEBUG if debug else logging.INFO)
+        previous = set_listener(RichListener())
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -33,7 +40,7 @@ class ToolkitGroup(click.Group):
         except ResnetExportError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {as_flags(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except Exception as exc:
             if debug:
@@ -41,6 +48,10 @@ class ToolkitGroup(click.Group):
             click.echo(f"Error: internal error: {type(exc).__name__}: {first_line(exc)} "
                        "(run with --debug for the traceback)", err=True)
             ctx.exit(EXIT_USER_ERROR)
+        finally:
+            set_listener(previous)
+            library.removeHandler(handler)
+            library.setLevel(level)
 
 
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,18 +6,21 @@ model says, so verification (and later calibration) sees what inference will see
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .console import console, warn
+from .progress import task
 from .errors import ResnetExportError
 from .preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -113,22 +116,23 @@ def decode_images(paths: list[Path], spec: Preprocessing, what: str = "Decoding 
     Returns the ``(N, C, H, W)`` array and the paths that were kept. Raises when none is readable.
     """
     from PIL import UnidentifiedImageError
-    from rich.progress import track
 
     arrays, kept, failures = [], [], []
-    for path in track(paths, description=what, console=console, transient=True, disable=not console.is_terminal):
-        try:
-            arrays.append(load_image(path, spec))
-            kept.append(path)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            failures.append(f"{path.name} ({type(exc).__name__})")
+    with task(log, what, len(paths), done=False) as advance:
+        for path in paths:
+            try:
+                arrays.append(load_image(path, spec))
+                kept.append(path)
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                failures.append(f"{path.name} ({type(exc).__name__})")
+            advance()
     if not kept:
         raise DataError(
             f"no readable image among {len(paths)} files: {len(failures)} skipped, cannot be decoded: "
             + ", ".join(failures[:3]) + (", ..." if len(failures) > 3 else "")
         )
     if failures:
-        warn(f"skipped {len(failures)} unreadable images of {len(paths)}: " + ", ".join(failures[:3])
+        log.warning(f"skipped {len(failures)} unreadable images of {len(paths)}: " + ", ".join(failures[:3])
              + (", ..." if len(failures) > 3 else ""))
     return np.stack(arrays), kept
 
@@ -162,7 +166,7 @@ def calibration_split(
     paths, classes = find_images(root)
     order = np.random.default_rng(seed).permutation(len(paths))
     if len(paths) < size:
-        warn(f"{root} has {len(paths)} images, fewer than --calib-size {size}: calibrating on all of them")
+        log.warning(f"{root} has {len(paths)} images, fewer than `calib_size` {size}: calibrating on all of them")
     chosen = [paths[i] for i in sorted(order[:size])]
     rest = [paths[i] for i in sorted(order[size:size + held_out_limit])]
     calib = labelled_inputs(root, chosen, classes, spec, "Decoding calibration images")
@@ -205,7 +209,7 @@ def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: in
     if calib.is_file() and calib.suffix in (".npy", ".npz"):
         arrays = array_inputs(calib, spec)
         if len(arrays.array) < size:
-            warn(f"{calib} has {len(arrays.array)} arrays, fewer than --calib-size {size}: calibrating on all")
+            log.warning(f"{calib} has {len(arrays.array)} arrays, fewer than `calib_size` {size}: calibrating on all")
         head, rest = arrays.array[:size], arrays.array[size:]
         kept = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) and held_out else None
         return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept

@@ -16,10 +16,6 @@ class ResnetExportError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
-class ResnetExportWarning(UserWarning):
-    """Something the user should know that does not stop the work (the CLI prints it as one line)."""
-
-
 class ModelError(ResnetExportError):
     """The model source (arch, factory, checkpoint, forward pass) is unusable."""
 

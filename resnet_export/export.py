@@ -40,7 +40,7 @@ def export_onnx(
     BatchNorms the exporter still emits are folded at ONNX level; the returned report lists any left.
     """
     if opset < MIN_OPSET:
-        raise OnnxError(f"--opset {opset} is too old; use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
+        raise OnnxError(f"`opset` {opset} is too old; use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     # Batch 2 for a dynamic axis: torch.export specialises dimensions of size 1.
     example = torch.zeros(batch or 2, preprocessing.channels, *preprocessing.input_size)
     dynamic_shapes = None if batch else ({0: torch.export.Dim("batch")},)

@@ -12,14 +12,14 @@ import importlib.util
 import pickle
 import re
 import sys
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelError, ResnetExportWarning, first_line
+from .errors import CheckpointError, ModelError, first_line
 from .manifest import sha256_file
 from .preprocessing import Preprocessing
 
@@ -43,6 +43,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Resize-then-center-crop ratio of the classic ImageNet evaluation (256 -> 224).
 CROP_RATIO = 224 / 256
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+log = logging.getLogger(__name__)
+
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 KEY_PREFIXES = ("module.", "_orig_mod.")
 
@@ -293,7 +295,7 @@ def _per_channel(values: tuple[float, ...], channels: int, what: str) -> tuple[f
     if len(values) == 1:
         return values * channels
     if len(values) != channels:
-        raise ModelError(f"--{what} has {len(values)} values but the model takes {channels} channels")
+        raise ModelError(f"`{what}` has {len(values)} values but the model takes {channels} channels")
     return values
 
 
@@ -315,7 +317,7 @@ def load_arch(
 
     check_arch(arch)
     if in_channels < 1:
-        raise ModelError(f"--in-channels must be positive, got {in_channels}")
+        raise ModelError(f"`in_channels` must be positive, got {in_channels}")
     tv_weights = None
     if weights and not _looks_like_file(weights):
         tv_weights = resolve_torchvision_weights(arch, weights)
@@ -329,7 +331,7 @@ def load_arch(
             in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
         )
     source = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels}
-    hint = "check --arch, --num-classes and --in-channels"
+    hint = "check `arch`, `num_classes` and `in_channels`"
     if tv_weights is not None:
         load_state_dict_strictly(model, torchvision_state_dict(tv_weights), f"weights {tv_weights}", hint)
         source["weights"] = str(tv_weights)
@@ -354,20 +356,20 @@ def load_factory(
     """Call a user's factory ``FILE.py:FN`` or ``package.module:FN`` that returns an ``nn.Module``."""
     target, sep, fn_name = spec.rpartition(":")
     if not sep or not target or not fn_name:
-        raise ModelError(f"--model '{spec}' must be FILE.py:FN or package.module:FN")
+        raise ModelError(f"`model` '{spec}' must be FILE.py:FN or package.module:FN")
     module = _import_target(target)
     fn = getattr(module, fn_name, None)
     if fn is None:
-        raise ModelError(f"--model: {target} has no '{fn_name}'")
+        raise ModelError(f"`model`: {target} has no '{fn_name}'")
     if not callable(fn):
-        raise ModelError(f"--model: {target}:{fn_name} is a {type(fn).__name__}, not callable")
+        raise ModelError(f"`model`: {target}:{fn_name} is a {type(fn).__name__}, not callable")
     torch.manual_seed(seed)
     try:
         model = fn()
     except Exception as exc:
-        raise ModelError(f"--model: calling {fn_name}() failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"`model`: calling {fn_name}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise ModelError(f"--model: {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(f"`model`: {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
     source = {"factory": spec}
     if weights:
         hint = "check that the factory builds the model the checkpoint was saved from"
@@ -378,7 +380,7 @@ def load_factory(
         source["weights"] = None
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None:
-        raise ModelError(f"--model: {fn_name}() returned a model without any Conv2d")
+        raise ModelError(f"`model`: {fn_name}() returned a model without any Conv2d")
     preprocessing = default_preprocessing(first_conv.in_channels, input_size, mean, std)
     return LoadedModel(model.eval(), preprocessing, source)
 
@@ -391,28 +393,24 @@ def _import_target(target: str):
     if target.endswith(".py") or "/" in target:
         path = Path(target)
         if not path.is_file():
-            raise ModelError(f"--model file {path} not found")
+            raise ModelError(f"`model` file {path} not found")
         module_name = f"_resnet_export_user_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise ModelError(f"--model: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(f"`model`: importing {path} failed: {type(exc).__name__}: {exc}") from exc
         return module
     try:
         return importlib.import_module(target)
     except Exception as exc:
-        raise ModelError(f"--model: cannot import {target}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"`model`: cannot import {target}: {type(exc).__name__}: {exc}") from exc
 
 
 def _warn_random(seed: int) -> None:
-    warnings.warn(
-        f"no --weights given: using random initialisation (seed {seed}); "
-        "its outputs mean nothing as classes (verification still compares like with like)",
-        ResnetExportWarning,
-        stacklevel=3,
-    )
+    log.warning("no `weights` given: using random initialisation (seed %d); its outputs mean nothing as "
+                "classes (verification still compares like with like)", seed)
 
 
 def run_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -480,6 +478,6 @@ def load_model(
     """Load a model from ``arch`` (default resnet50) or a user's factory ``model``; see the CLI's MODEL options."""
     if model:
         if arch or num_classes is not None or in_channels is not None:
-            raise ModelError("--arch, --num-classes and --in-channels apply to torchvision archs, not to --model")
+            raise ModelError("`arch`, `num_classes` and `in_channels` apply to torchvision archs, not to `model`")
         return load_factory(model, weights, input_size, mean, std, seed)
     return load_arch(arch or DEFAULT_ARCH, weights, num_classes, in_channels or 3, input_size, mean, std, seed)

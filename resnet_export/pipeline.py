@@ -8,13 +8,14 @@ against PyTorch (``verify_artifact``).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .console import step, warn
+from .progress import task
 from .data import Inputs, calibration_data, image_inputs, random_inputs, verification_inputs
 from .errors import OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx
@@ -36,6 +37,9 @@ from .trt import (
     unavailable_reason,
 )
 from .verify import GATES, Verification, batch_plan, verify
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class OnnxResult:
@@ -66,17 +70,17 @@ def onnx_from_model(
     check_writable_dir(output)
     check_not_input([output], model_files(loaded))
     inputs = verification_inputs(loaded, images, seed=seed) if run_verification else None
-    with step(f"Folding BatchNorm in {loaded.name}"):
+    with task(log, f"Folding BatchNorm in {loaded.name}"):
         folded, report, fold_error = checked_fold(loaded, seed)
     if report.unfoldable:
-        warn("BatchNorm not folded in PyTorch: " + ", ".join(f"{n} ({r})" for n, r in report.unfoldable))
-    with step(f"Exporting {output}"):
+        log.warning("BatchNorm not folded in PyTorch: " + ", ".join(f"{n} ({r})" for n, r in report.unfoldable))
+    with task(log, f"Exporting {output}"):
         onnx_report = export_onnx(folded, loaded.preprocessing, output, loaded.source, opset, batch)
     if onnx_report.unfoldable:
-        warn("BatchNormalization left in the ONNX: " + ", ".join(f"{n} ({r})" for n, r in onnx_report.unfoldable))
+        log.warning("BatchNormalization left in the ONNX: " + ", ".join(f"{n} ({r})" for n, r in onnx_report.unfoldable))
     verification = None
     if inputs is not None:
-        with step(f"Verifying against PyTorch on {inputs.description}"):
+        with task(log, f"Verifying against PyTorch on {inputs.description}"):
             verification = verify(TorchRunner(loaded.module), OrtRunner(output), inputs, GATES["fp32"], batch)
     write_manifest(
         output,
@@ -128,7 +132,7 @@ def fold_onnx_file(source: str | Path, output: str | Path, run_verification: boo
     verification = None
     if run_verification:
         inputs = random_inputs(input_spec(model), 8, seed)
-        with step(f"Verifying {output} against {source} on ONNX Runtime"):
+        with task(log, f"Verifying {output} against {source} on ONNX Runtime"):
             candidate = OrtRunner(output)
             reference_runner = OrtRunner(reference)
             verification = verify(reference_runner, candidate, inputs, GATES["fp32"], candidate.fixed_batch)
@@ -211,7 +215,7 @@ def precision_from_onnx(
         if val:
             held_out = image_inputs(val, spec)
         elif held_out is None:
-            warn("no images left for verification: verifying on the calibration images; pass --val DIR")
+            log.warning("no images left for verification: verifying on the calibration images; pass `val`")
             held_out = calibration
         inputs = held_out
     else:
@@ -240,7 +244,7 @@ def precision_from_onnx(
             else:
                 record = quantize_int8(source, path, calibration.array, target, method, exclude)
             label = f"{output.name}" + (f" (rest {rest_dtype.upper()})" if rest_dtype else "")
-            with step(f"Verifying {label} on {inputs.description}"):
+            with task(log, f"Verifying {label} on {inputs.description}"):
                 candidate = OrtRunner(path)
                 verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch)
             if candidate.fp16_quantize_rewritten:
@@ -263,18 +267,18 @@ def precision_from_onnx(
         if len(tried) > 1:
             why = ("FP16 rest missed the gate ({}); FP32 rest {}".format(
                 "; ".join(attempts[0]["failures"]), "passed" if best[2].passed else "missed it too"))
-            warn(f"{why}: kept the {chosen_rest.upper()} rest")
+            log.warning(f"{why}: kept the {chosen_rest.upper()} rest")
         path, record, verification = best
         excluded, before = [], None
         searching = precision == "int8" and not verification.passed and custom_gate
         if searching:
             before = verification.metrics
-            with step("Ranking quantized convolutions by sensitivity"):
+            with task(log, "Ranking quantized convolutions by sensitivity"):
                 ranking = rank_quantized_convs(source, path, inputs.array[:32])
             count = 1
             while not verification.passed and count <= len(ranking):
                 excluded = ranking[:count]
-                warn(f"{', '.join(verification.failures)}: keeping {count} most sensitive conv(s) in higher precision")
+                log.warning(f"{', '.join(verification.failures)}: keeping {count} most sensitive conv(s) in higher precision")
                 path, record, verification = convert(chosen_rest, [name for name, _ in excluded])
                 count *= 2
             if not verification.passed and len(excluded) < len(ranking):
@@ -343,7 +347,7 @@ def artifact_precision(artifact: str | Path) -> str:
         return read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
     manifest = load_manifest(artifact)
     if manifest is None:
-        raise OnnxError(f"{artifact} has no manifest ({artifact.name}.json) to tell its precision: pass --precision")
+        raise OnnxError(f"{artifact} has no manifest ({artifact.name}.json) to tell its precision: pass `precision`")
     return manifest["precision"].get("dtype", "fp32")
 
 
@@ -364,7 +368,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Pat
     sizes = None
     if isinstance(candidate, TrtRunner):  # every batch inside the engine's optimization profile
         sizes = batch_plan(len(inputs.array), None, candidate.profile_max_batch, candidate.profile_min_batch)
-    with step(f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
+    with task(log, f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
         verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
                               getattr(candidate, "fixed_batch", None), sizes)
     verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate")

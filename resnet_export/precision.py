@@ -28,7 +28,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .console import console
+from .progress import task
+
+log = logging.getLogger(__name__)
 from .errors import OnnxError, ResnetExportError, first_line
 from .onnx_graph import input_dims, load_onnx, read_metadata, set_metadata
 from .manifest import atomic_output
@@ -120,7 +122,7 @@ def to_fp16(source: str | Path, output: str | Path) -> dict:
 
     source, output = Path(source), Path(output)
     load_onnx(source, load_weights=False)
-    with console.status("Converting to FP16 (ModelOpt AutoCast) ..."), _quiet_tools():
+    with task(log, "Converting to FP16 (ModelOpt AutoCast)"), _quiet_tools():
         try:
             model = convert_to_mixed_precision(onnx_path=str(source), low_precision_type="fp16", keep_io_types=True)
         except Exception as exc:  # AutoCast raises assorted errors on unsupported graphs
@@ -137,7 +139,7 @@ def check_method(target: str, method: str | None) -> str:
     method = method or DEFAULT_METHOD[target]
     if method not in CALIB_METHODS[target]:
         raise PrecisionError(
-            f"calibration method '{method}' is not available for --target {target}; "
+            f"calibration method '{method}' is not available for `target` {target}; "
             f"choose one of {', '.join(CALIB_METHODS[target])}"
         )
     return method
@@ -188,8 +190,8 @@ def quantize_int8(
         _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude), rest, bool(ranges)),
                       f"{what} ({target}, {method})", total, f"INT8 quantization of {source} failed")
         record["calibration_seconds"] = round(time.perf_counter() - start, 1)
-        console.print(f"{what} ({target}, {method}{f', rest {rest.upper()}' if target == 'trt' else ''}) "
-                      f"on {len(calibration)} samples in {record['calibration_seconds']} s", soft_wrap=True)
+        log.info(f"{what} ({target}, {method}{f', rest {rest.upper()}' if target == 'trt' else ''}) "
+                 f"on {len(calibration)} samples in {record['calibration_seconds']} s")
         if save_ranges:
             shutil.copyfile(work / "ranges.cache", save_ranges)
         _save_with_metadata(onnx.load(str(quantized)), source, output, record)
@@ -206,14 +208,11 @@ def _run_isolated(worker, args: tuple, description: str, total: int, failure: st
     import multiprocessing
     import queue as queue_module
 
-    from rich.progress import Progress
-
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     process = context.Process(target=worker, args=(*args, messages), daemon=True)
     error = None
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(description, total=total)
+    with task(log, description, total, done=False) as advance:
         process.start()
         while True:
             try:
@@ -224,7 +223,7 @@ def _run_isolated(worker, args: tuple, description: str, total: int, failure: st
                     break
                 continue
             if kind == "batch":
-                progress.advance(task)
+                advance()
             elif kind == "error":
                 error = value
             else:

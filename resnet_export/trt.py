@@ -10,6 +10,7 @@ ignored on 11; no removed flag (FP16, INT8, calibrators) is ever set.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ import numpy as np
 
 from .errors import EXIT_TRT_UNAVAILABLE, ResnetExportError
 from .manifest import atomic_output, manifest_path, sha256_file
+from .progress import task
+
+log = logging.getLogger(__name__)
 
 
 class TensorRTUnavailable(ResnetExportError):
@@ -71,14 +75,14 @@ def check_profile(profile: BatchProfile, onnx_batch: int | None) -> BatchProfile
     if onnx_batch is not None:
         if {profile.min, profile.opt, profile.max} != {onnx_batch} and profile != BatchProfile():
             raise EngineError(
-                f"the ONNX has a fixed batch of {onnx_batch}; --min/--opt/--max-batch must all be {onnx_batch} "
-                "(or export with --batch dynamic)"
+                f"the ONNX has a fixed batch of {onnx_batch}; `min_batch`, `opt_batch` and `max_batch` must all be "
+                f"{onnx_batch} (or export with `batch` dynamic)"
             )
         return BatchProfile(onnx_batch, onnx_batch, onnx_batch)
     if not 1 <= profile.min <= profile.opt <= profile.max:
         raise EngineError(
             f"inconsistent batch profile min={profile.min} opt={profile.opt} max={profile.max}: "
-            "need 1 <= --min-batch <= --opt-batch <= --max-batch"
+            "need 1 <= `min_batch` <= `opt_batch` <= `max_batch`"
         )
     return profile
 
@@ -227,7 +231,6 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
 
     options = options or BuildOptions()
 
-    from .console import step
     from .onnx_graph import read_metadata
 
     onnx_path, output = Path(onnx_path), Path(output)
@@ -257,9 +260,9 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     # (NvInfer.h); ignoring that would build without it and then overwrite the user's file.
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise EngineError(f"timing cache {options.timing_cache} was made by another TensorRT version or GPU: "
-                          "delete it or give another --timing-cache path")
+                          "delete it or give another `timing_cache` path")
     start = time.perf_counter()
-    with step(f"Building TensorRT engine {output.name}"):
+    with task(log, f"Building TensorRT engine {output.name}"):
         plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
@@ -300,12 +303,10 @@ class TrtRunner:
         import tensorrt as trt
         import torch
 
-        from .console import warn
-
         plan = Path(plan)
         manifest = manifest or load_manifest(plan)
         if manifest is None:
-            warn(f"{plan} has no manifest ({manifest_path(plan).name}): its TensorRT version and GPU are unchecked")
+            log.warning(f"{plan} has no manifest ({manifest_path(plan).name}): its TensorRT version and GPU are unchecked")
         else:
             problem = incompatibility(manifest, runtime_info())
             if problem:
@@ -401,9 +402,7 @@ class TrtRunner:
             self._graphs[shape] = (context, graph, static_in, static_out)
         else:
             self.cuda_graph = False  # this engine cannot be captured: plain enqueues from now on
-            from .console import warn
-
-            warn("CUDA graph capture of the TensorRT enqueue failed: running without CUDA graphs")
+            log.warning("CUDA graph capture of the TensorRT enqueue failed: running without CUDA graphs")
         return static_out.clone()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

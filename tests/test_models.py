@@ -1,13 +1,14 @@
 """Model sources: archs, torchvision weights, checkpoints, factories, preprocessing."""
 
-import warnings
+
+import logging
 
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
 
-from resnet_export.errors import CheckpointError, ModelError, ResnetExportWarning
+from resnet_export.errors import CheckpointError, ModelError
 from resnet_export.models import (
     ARCHS,
     arch_summary,
@@ -39,12 +40,12 @@ def test_unknown_arch_suggests_closest():
         check_arch("resnet05")
 
 
-def test_random_init_warns_and_is_seeded():
-    with pytest.warns(ResnetExportWarning, match="random initialisation"):
+def test_random_init_warns_and_is_seeded(caplog):
+    with caplog.at_level(logging.WARNING, logger="resnet_export"):
         a = load_model(arch="resnet18", num_classes=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        b = load_model(arch="resnet18", num_classes=3)
+    (record,) = [r for r in caplog.records if r.name == "resnet_export.models"]
+    assert record.levelno == logging.WARNING and "random initialisation" in record.getMessage()
+    b = load_model(arch="resnet18", num_classes=3)
     assert torch.equal(a.module.fc.weight, b.module.fc.weight)
     assert not a.module.training
 
@@ -203,7 +204,7 @@ def test_factory_errors(spec, message):
 
 
 def test_arch_options_with_model_are_refused():
-    with pytest.raises(ModelError, match="not to --model"):
+    with pytest.raises(ModelError, match="not to `model`"):
         load_model(model=f"{USER_MODELS}:cifar_resnet", num_classes=3)
 
 
@@ -214,5 +215,5 @@ def test_forward_failure_names_the_module():
 
 
 def test_mean_std_must_match_channels():
-    with pytest.raises(ModelError, match="--mean has 2 values"):
+    with pytest.raises(ModelError, match="`mean` has 2 values"):
         load_model(arch="resnet18", mean=(0.5, 0.5))

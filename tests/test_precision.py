@@ -133,5 +133,5 @@ def test_missed_gate_keeps_artifact(digits, tmp_path):
 
 def test_method_names_depend_on_target():
     assert check_method("trt", None) == "entropy" and check_method("cpu", None) == "minmax"
-    with pytest.raises(PrecisionError, match="not available for --target trt"):
+    with pytest.raises(PrecisionError, match="not available for `target` trt"):
         check_method("trt", "minmax")

@@ -30,7 +30,7 @@ BUILT = {"tensorrt": "10.13.3", "compute_capability": "8.9", "gpu": "NVIDIA L4",
 
 def test_profile_validation():
     assert check_profile(BatchProfile(1, 8, 32), None) == BatchProfile(1, 8, 32)
-    with pytest.raises(EngineError, match="need 1 <= --min-batch <= --opt-batch <= --max-batch"):
+    with pytest.raises(EngineError, match="need 1 <= `min_batch` <= `opt_batch` <= `max_batch`"):
         check_profile(BatchProfile(4, 2, 32), None)
     assert check_profile(BatchProfile(), 4) == BatchProfile(4, 4, 4)  # a fixed batch pins the profile
     with pytest.raises(EngineError, match="fixed batch of 4"):
