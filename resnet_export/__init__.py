@@ -10,6 +10,7 @@ from ._version import __version__
 #: Public name -> the module that defines it.
 _API = {
     "GATES": "verify",
+    "PrecisionRequest": "pipeline",
     "build_engine": "trt",
     "compare": "verify",
     "engine_from_onnx": "pipeline",

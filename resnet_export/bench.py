@@ -245,8 +245,8 @@ class Artifacts:
         suffix = f"-{self.calib_key}" if precision == "int8" else ""
         plan = self.folder / f"{precision}{suffix}-b{max_batch}.plan"
         if not plan.is_file():
-            engine_from_onnx(self.onnx(precision, "trt"), plan, BatchProfile(1, max_batch, max_batch),
-                             BuildOptions(timing_cache=str(self.folder / "timing.cache")))
+            engine_from_onnx(self.onnx(precision, "trt"), plan, profile=BatchProfile(1, max_batch, max_batch),
+                             options=BuildOptions(timing_cache=str(self.folder / "timing.cache")))
         return plan
 
 

@@ -164,7 +164,8 @@ def onnx(load, seed, opset, batch, images, no_verify, output) -> None:
 
     check_writable_dir(output)
     loaded = load()
-    result = onnx_from_model(loaded, output, opset or DEFAULT_OPSET, batch, images, not no_verify, seed)
+    result = onnx_from_model(loaded, output, opset=opset or DEFAULT_OPSET, batch=batch, images=images,
+                             run_verification=not no_verify, seed=seed)
     left = len(result.onnx_fold.unfoldable)
     line = f"{loaded.name} -> {output}: {result.fold.summary()}, {left} BatchNormalization left"
     if result.verification:
@@ -181,7 +182,7 @@ def fold(source, no_verify, output) -> None:
     """Fold Conv -> BatchNormalization in an ONNX file made elsewhere, verified on ONNX Runtime."""
     from .pipeline import fold_onnx_file
 
-    result = fold_onnx_file(source, output, not no_verify)
+    result = fold_onnx_file(source, output, run_verification=not no_verify)
     line = f"{source} -> {output}: {result.fold.summary()}"
     if result.to_inference:
         line += f" ({result.to_inference} training-mode BatchNormalization switched to running statistics)"
@@ -208,16 +209,16 @@ def precision_options(command):
     return _with_options(options, command)
 
 
-def _precision(fp16: bool, int8: bool, calib, required: bool) -> str:
+def _precision_request(fp16: bool, int8: bool, required: bool, **settings):
+    """The PrecisionRequest of the precision flags and the options shared by ``quantize`` and ``trt``."""
+    from .pipeline import PrecisionRequest
     from .precision import PrecisionError
 
     if fp16 and int8:
         raise PrecisionError("--fp16 and --int8 exclude each other: choose one")
-    if int8 and calib is None:
-        raise PrecisionError("--int8 needs calibration data: --calib DIR")
     if required and not (fp16 or int8):
         raise PrecisionError("choose a precision: --fp16, or --int8 --calib DIR")
-    return "int8" if int8 else "fp16" if fp16 else "fp32"
+    return PrecisionRequest("int8" if int8 else "fp16" if fp16 else "fp32", **settings)
 
 
 def _precision_line(result) -> str:
@@ -254,9 +255,10 @@ def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agree
     """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it."""
     from .pipeline import precision_from_onnx
 
-    precision = _precision(fp16, int8, calib, required=True)
-    result = precision_from_onnx(source, output, precision, calib, target, calib_method, calib_size, seed, val,
-                                 min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, rest=rest)
+    request = _precision_request(fp16, int8, True, calib=calib, target=target, method=calib_method,
+                                 calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
+                                 max_accuracy_drop=max_accuracy_drop, rest=rest)
+    result = precision_from_onnx(source, output, request)
     click.echo(f"{source} -> {output}: {_precision_line(result)}")
 
 
@@ -281,12 +283,14 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
     from .pipeline import trt_from_source
     from .trt import BatchProfile, BuildOptions, check_profile
 
-    precision = _precision(fp16, int8, calib, required=False)
+    request = _precision_request(fp16, int8, False, calib=calib, target="trt", method=calib_method,
+                                 calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
+                                 max_accuracy_drop=max_accuracy_drop, rest=rest)
     profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
                            version_compatible, hardware_compat)
-    result = trt_from_source(None if onnx_path else load, onnx_path, output, precision, calib, calib_method,
-                             calib_size, seed, val, min_agreement, max_accuracy_drop, rest, profile, options, onnx_only)
+    source = {"onnx_path": onnx_path} if onnx_path else {"load": load}
+    result = trt_from_source(output, **source, request=request, profile=profile, options=options, onnx_only=onnx_only)
     if result.fp32:
         click.echo(f"{result.fp32.path.name}: FP32 ONNX vs PyTorch: {result.fp32.verification.summary()}: PASS")
     if result.precision:
@@ -310,7 +314,7 @@ def verify_command(artifact, load, seed, images, precision):
     from .pipeline import verify_artifact
 
     loaded = load()
-    precision, v = verify_artifact(artifact, loaded, images, seed, precision)
+    precision, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision)
     click.echo(f"{artifact}: {precision.upper()} vs PyTorch on {v.inputs}: {v.summary()}: PASS")
 
 

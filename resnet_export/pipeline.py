@@ -36,7 +36,7 @@ from .trt import (
     profile_batch_sizes,
     unavailable_reason,
 )
-from .verify import GATES, Verification, batch_plan, verify
+from .verify import GATES, Gate, Verification, batch_plan, verify
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class OnnxResult:
 def onnx_from_model(
     loaded: LoadedModel,
     output: str | Path,
+    *,
     opset: int = DEFAULT_OPSET,
     batch: int | None = None,
     images: str | Path | None = None,
@@ -108,7 +109,8 @@ class FoldOnnxResult:
     verification: Verification | None
 
 
-def fold_onnx_file(source: str | Path, output: str | Path, run_verification: bool = True, seed: int = 0) -> FoldOnnxResult:
+def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: bool = True,
+                   seed: int = 0) -> FoldOnnxResult:
     """Fold ``Conv -> BatchNormalization`` in an ONNX file made elsewhere and verify it with ONNX Runtime.
 
     Training-mode BatchNormalization nodes are first switched to inference mode (running statistics);
@@ -172,45 +174,87 @@ class PrecisionResult:
 REST_CHOICES = ("auto", *RESTS)
 
 
+@dataclass(frozen=True)
+class PrecisionRequest:
+    """The precision to make and how to verify it; validated when made.
+
+    ``precision`` is fp32 (no conversion: ``trt`` builds the FP32 ONNX), fp16 or int8. INT8 needs
+    ``calib`` (an image folder, ``.npy`` or ``.npz``) and takes ``target``, ``method``,
+    ``calib_size``; for the trt target ``rest`` is the precision of the non-quantized part (``auto``:
+    FP16, else FP32 with the same ranges). ``val`` holds verification images (default: calibration
+    images not used to calibrate). ``min_agreement`` / ``max_accuracy_drop`` tighten or loosen the
+    INT8 gate and start the sensitivity search when it is missed.
+    """
+
+    precision: str = "fp32"
+    calib: Path | None = None
+    target: str = "trt"
+    method: str | None = None
+    calib_size: int = 512
+    seed: int = 0
+    val: Path | None = None
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+    rest: str = "auto"
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise PrecisionError(f"unknown precision '{self.precision}'; choose fp32, fp16 or int8")
+        if self.precision == "int8":
+            check_method(self.target, self.method)
+            if self.calib is None:
+                raise PrecisionError("int8 needs calibration data (`calib`)")
+        if self.rest not in REST_CHOICES:
+            raise PrecisionError(f"unknown rest precision '{self.rest}'; choose one of {', '.join(REST_CHOICES)}")
+        if self.rest != "auto" and not self.trt_int8:
+            raise PrecisionError("the rest precision is a setting of INT8 for the trt target only")
+        if self.calib_size < 1:
+            raise PrecisionError(f"`calib_size` must be positive, got {self.calib_size}")
+
+    @property
+    def trt_int8(self) -> bool:
+        """Whether this is INT8 for TensorRT (the case with a rest precision and reusable ranges)."""
+        return self.precision == "int8" and self.target == "trt"
+
+    def gate(self) -> Gate:
+        """The precision's gate with the requested INT8 thresholds."""
+        gate = GATES[self.precision]
+        if self.min_agreement is not None:
+            gate = replace(gate, min_top1_agreement=self.min_agreement)
+        if self.max_accuracy_drop is not None:
+            gate = replace(gate, max_accuracy_drop=self.max_accuracy_drop)
+        return gate
+
+    @property
+    def custom_gate(self) -> bool:
+        return self.min_agreement is not None or self.max_accuracy_drop is not None
+
+
 def precision_from_onnx(
     source: str | Path,
     output: str | Path,
-    precision: str,
-    calib: str | Path | None = None,
-    target: str = "trt",
-    method: str | None = None,
-    calib_size: int = 512,
-    seed: int = 0,
-    val: str | Path | None = None,
+    request: PrecisionRequest,
+    *,
     reference: Runner | None = None,
-    min_agreement: float | None = None,
-    max_accuracy_drop: float | None = None,
-    rest: str = "auto",
 ) -> PrecisionResult:
-    """Make the FP16 or INT8 ONNX of ``source``, verify it and write its manifest.
+    """Make the FP16 or INT8 ONNX of ``source`` as ``request`` says, verify it and write its manifest.
 
     The reference is ``reference`` (PyTorch, when the caller has the model) or ``source`` on ONNX
-    Runtime. For the trt target, ``rest`` is the precision of the non-quantized part: ``fp16``,
-    ``fp32``, or ``auto`` (FP16, and FP32 with the same calibration ranges when FP16 misses the gate).
-    With ``min_agreement`` or ``max_accuracy_drop`` an INT8 model that still misses its gate gets
-    its most sensitive convolutions kept in higher precision until it passes. Raises GateFailed
-    (artifact and manifest kept) when the gate is still missed.
+    Runtime. An INT8 model for the trt target tries the rest precisions ``request.rest`` allows; with
+    ``min_agreement`` or ``max_accuracy_drop`` one that still misses its gate gets its most sensitive
+    convolutions kept in higher precision until it passes. Raises GateFailed (artifact and manifest
+    kept) when the gate is still missed.
     """
+    precision, calib, target, method = request.precision, request.calib, request.target, request.method
+    calib_size, seed, val, rest = request.calib_size, request.seed, request.val, request.rest
     source, output = Path(source), Path(output)
     check_writable_dir(output)
     check_not_input([output], [source, calib, val])
-    if precision not in ("fp16", "int8"):
-        raise PrecisionError(f"precision must be fp16 or int8, not '{precision}' (an FP32 ONNX comes from export)")
-    if rest not in REST_CHOICES:
-        raise PrecisionError(f"unknown rest precision '{rest}'; choose one of {', '.join(REST_CHOICES)}")
-    trt_int8 = precision == "int8" and target == "trt"
-    if rest != "auto" and not trt_int8:
-        raise PrecisionError("the rest precision is a setting of INT8 for the trt target only")
+    if precision == "fp32":
+        raise PrecisionError("precision_from_onnx makes fp16 or int8; an FP32 ONNX comes from onnx_from_model")
+    trt_int8 = request.trt_int8
     spec = onnx_preprocessing(source)
     if precision == "int8":
-        check_method(target, method)
-        if calib is None:
-            raise PrecisionError("int8 needs calibration data (calib)")
         calibration, held_out = calibration_data(calib, spec, calib_size, seed)
         if val:
             held_out = image_inputs(val, spec)
@@ -220,11 +264,7 @@ def precision_from_onnx(
         inputs = held_out
     else:
         inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
-    gate = GATES[precision]
-    custom_gate = min_agreement is not None or max_accuracy_drop is not None
-    if custom_gate:
-        gate = replace(gate, min_top1_agreement=gate.min_top1_agreement if min_agreement is None else min_agreement,
-                       max_accuracy_drop=gate.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop)
+    gate, custom_gate = request.gate(), request.custom_gate
     reference = reference or OrtRunner(source)
     attempts: list[dict] = []
 
@@ -320,7 +360,7 @@ class EngineResult:
     verification: Verification
 
 
-def engine_from_onnx(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
+def engine_from_onnx(onnx_path: str | Path, output: str | Path, *, profile: BatchProfile = BatchProfile(),
                      options: BuildOptions | None = None, reference: Runner | None = None,
                      inputs: Inputs | None = None, seed: int = 0) -> EngineResult:
     """Build the engine, verify it at the profile's smallest and largest batch, and write ``output.json``.
@@ -351,7 +391,7 @@ def artifact_precision(artifact: str | Path) -> str:
     return manifest["precision"].get("dtype", "fp32")
 
 
-def verify_artifact(artifact: str | Path, loaded: LoadedModel, images: str | Path | None = None,
+def verify_artifact(artifact: str | Path, loaded: LoadedModel, *, images: str | Path | None = None,
                     seed: int = 0, precision: str | None = None) -> tuple[str, Verification]:
     """Compare an ONNX file or a plan with the PyTorch model using its precision's gate.
 
@@ -394,31 +434,29 @@ class TrtResult:
 
 
 def trt_from_source(
-    load: Callable[[], LoadedModel] | None,
-    onnx_path: str | Path | None,
     output: str | Path,
-    precision: str = "fp32",
-    calib: str | Path | None = None,
-    calib_method: str | None = None,
-    calib_size: int = 512,
-    seed: int = 0,
-    val: str | Path | None = None,
-    min_agreement: float | None = None,
-    max_accuracy_drop: float | None = None,
-    rest: str = "auto",
+    *,
+    load: Callable[[], LoadedModel] | None = None,
+    onnx_path: str | Path | None = None,
+    request: PrecisionRequest = PrecisionRequest(),
     profile: BatchProfile = BatchProfile(),
     options: BuildOptions | None = None,
     onnx_only: bool = False,
 ) -> TrtResult:
     """``resnet-export trt``: export (from ``load()``) or take ``onnx_path``, convert for TensorRT, build.
 
-    The precision ONNX is kept beside the plan as ``OUT.<precision>.onnx`` (``side_onnx_path``). Where TensorRT or a GPU is missing it raises
-    TensorRTUnavailable (exit code 4) after writing that ONNX; ``onnx_only`` stops there on purpose.
+    ``request`` says the precision (fp32: none) and how to verify it. The precision ONNX is kept beside
+    the plan as ``OUT.<precision>.onnx`` (``side_onnx_path``). Where TensorRT or a GPU is missing it
+    raises TensorRTUnavailable (exit code 4) after writing that ONNX; ``onnx_only`` stops there on purpose.
     """
     output = Path(output)
     check_writable_dir(output)
+    precision, val, seed = request.precision, request.val, request.seed
+    if (load is None) == (onnx_path is None):
+        raise PrecisionError("give exactly one of `load` (a model to export) and `onnx_path`")
     side_onnx = side_onnx_path(output, precision)
-    check_not_input([output] if onnx_path and precision == "fp32" else [output, side_onnx], [onnx_path, calib, val])
+    check_not_input([output] if onnx_path and precision == "fp32" else [output, side_onnx],
+                    [onnx_path, request.calib, val])
     loaded = reference = fp32_result = precision_result = None
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         fp32 = Path(onnx_path) if onnx_path else None
@@ -429,8 +467,7 @@ def trt_from_source(
             fp32 = side_onnx if precision == "fp32" else Path(work) / "fp32.onnx"
             fp32_result = onnx_from_model(loaded, fp32, images=val, seed=seed)
         if precision != "fp32":
-            precision_result = precision_from_onnx(fp32, side_onnx, precision, calib, "trt", calib_method, calib_size,
-                                                   seed, val, reference, min_agreement, max_accuracy_drop, rest)
+            precision_result = precision_from_onnx(fp32, side_onnx, request, reference=reference)
         else:
             side_onnx = fp32
         if onnx_only:
@@ -442,5 +479,6 @@ def trt_from_source(
                 f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
             )
         inputs = verification_inputs(loaded, val, seed=seed) if loaded else None
-        engine = engine_from_onnx(side_onnx, output, profile, options, reference or OrtRunner(fp32), inputs, seed)
+        engine = engine_from_onnx(side_onnx, output, profile=profile, options=options,
+                                  reference=reference or OrtRunner(fp32), inputs=inputs, seed=seed)
     return TrtResult(side_onnx, fp32_result, precision_result, engine)

@@ -188,7 +188,7 @@ def runtime_info() -> dict:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
     """Builder settings besides the profile; none of them touches precision."""
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from resnet_export.cli import main
 from resnet_export.errors import EXIT_GATE_FAILED, ModelError
 from resnet_export.models import ARCHS, load_model
+from resnet_export.onnx_graph import read_metadata
 
 from .conftest import IMAGES, USER_MODELS
 
@@ -148,11 +150,53 @@ def test_python_m_entry_point():
 
 def test_importing_the_package_imports_no_heavy_library():
     """`import resnet_export` and the CLI module stay light (the API loads lazily); names still resolve."""
-    import subprocess
-    import sys
-
     code = ("import sys, resnet_export, resnet_export.cli\n"
             "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'modelopt') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "assert callable(resnet_export.load_model) and 'torch' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnx_preprocessing_and_opset_options(tmp_path):
+    out = tmp_path / "gray.onnx"
+    result = run("onnx", "--arch", "resnet18", "--num-classes", "4", "--in-channels", "1", "--input-size", "32x48",
+                 "--mean", "0.5", "--std", "0.25", "--opset", "19", "-o", out)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 19
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, 32, 48]
+    stored = read_metadata(model)["preprocessing"]
+    assert stored["mean"] == [0.5] and stored["std"] == [0.25] and stored["channels"] == 1
+    assert_one_line_error(run("onnx", "--arch", "resnet18", "--mean", "0.5,0.5", "-o", tmp_path / "x.onnx"),
+                          "--mean has 2 values but the model takes 3 channels")
+
+
+def test_fold_without_verification(tmp_path, resnet18_onnx):
+    result = run("fold", resnet18_onnx.path, "--no-verify", "-o", tmp_path / "refolded.onnx")
+    assert result.exit_code == 0, result.output
+    assert "vs input" not in result.stdout and "PASS" not in result.stdout
+    assert json.loads((tmp_path / "refolded.onnx.json").read_text())["verification"] is None
+
+
+def test_verify_applies_the_requested_gate(resnet18_onnx, resnet18_small, tmp_path):
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(resnet18_small.module.state_dict(), checkpoint)
+    args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--weights", checkpoint]
+    other_model = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--seed", "3"]
+    assert run("verify", resnet18_onnx.path, *args, "--precision", "int8").stdout.startswith(
+        f"{resnet18_onnx.path}: INT8 vs PyTorch")
+    assert_one_line_error(run("verify", resnet18_onnx.path, *other_model, "--precision", "fp16"),
+                          "failed the FP16 gate", code=3)
+
+
+def test_bench_min_time_and_threads(tmp_path):
+    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,ort",
+                 "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "1", "--min-time", "0.3", "--threads", "1",
+                 "--report", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["environment"]["threads"] == 1
+    for row in report["rows"]:
+        assert row["status"] == "ok" and row["iterations"] >= 3
+        assert row["iterations"] * row["latency_ms"]["mean"] / 1e3 >= 0.3  # ran for at least --min-time

@@ -2,6 +2,7 @@
 
 
 import logging
+import urllib.error
 
 import pytest
 import torch
@@ -67,7 +68,11 @@ def test_preprocessing_from_torchvision_weights():
 
 
 def test_uncached_torchvision_weights_name_the_file(monkeypatch, tmp_path):
+    def offline(url, dst, *args, **kwargs):  # the download fails, whatever the machine's network
+        raise urllib.error.URLError("no route to host")
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ModelError) as err:
         load_model(arch="resnet18", weights="IMAGENET1K_V1")
     assert "resnet18-f37072fd.pth" in str(err.value) and str(tmp_path) in str(err.value)

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from resnet_export.errors import GateFailed
-from resnet_export.pipeline import precision_from_onnx
+from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
 from resnet_export.onnx_graph import qdq_summary
 from resnet_export.precision import PrecisionError, check_method
 from resnet_export.runners import TorchRunner
@@ -22,20 +22,22 @@ def _accuracy_drop(result):
 
 @pytest.fixture(scope="module")
 def fp16(digits):
-    return precision_from_onnx(digits.fp32, digits.root / "fp16.onnx", "fp16", val=digits.val,
+    return precision_from_onnx(digits.fp32, digits.root / "fp16.onnx", PrecisionRequest("fp16", val=digits.val),
                                reference=TorchRunner(digits.model.module))
 
 
 @pytest.fixture(scope="module")
 def int8_trt(digits):
-    return precision_from_onnx(digits.fp32, digits.root / "int8_trt.onnx", "int8", digits.train, "trt",
-                               calib_size=CALIB, val=digits.val, reference=TorchRunner(digits.model.module))
+    return precision_from_onnx(digits.fp32, digits.root / "int8_trt.onnx",
+                               PrecisionRequest("int8", digits.train, "trt", calib_size=CALIB, val=digits.val),
+                               reference=TorchRunner(digits.model.module))
 
 
 @pytest.fixture(scope="module")
 def int8_cpu(digits):
-    return precision_from_onnx(digits.fp32, digits.root / "int8_cpu.onnx", "int8", digits.train, "cpu",
-                               calib_size=CALIB, val=digits.val, reference=TorchRunner(digits.model.module))
+    return precision_from_onnx(digits.fp32, digits.root / "int8_cpu.onnx",
+                               PrecisionRequest("int8", digits.train, "cpu", calib_size=CALIB, val=digits.val),
+                               reference=TorchRunner(digits.model.module))
 
 
 @pytest.mark.slow
@@ -85,8 +87,8 @@ def test_int8_cpu_target_is_u8_activations_s8_per_channel_weights(int8_cpu):
 
 @pytest.mark.slow
 def test_percentile_for_trt_keeps_the_placement_with_other_ranges(digits, int8_trt):
-    result = precision_from_onnx(digits.fp32, digits.root / "int8_pct.onnx", "int8", digits.train, "trt", "percentile",
-                                 calib_size=CALIB, val=digits.val)
+    result = precision_from_onnx(digits.fp32, digits.root / "int8_pct.onnx",
+                                 PrecisionRequest("int8", digits.train, "trt", "percentile", calib_size=CALIB, val=digits.val))
     assert result.verification.passed and result.record["calibration_method"] == "percentile"
 
     def quantized(path):
@@ -103,9 +105,10 @@ def test_percentile_for_trt_keeps_the_placement_with_other_ranges(digits, int8_t
 @pytest.mark.slow
 def test_sensitivity_search_keeps_layers_in_higher_precision(digits_r18):
     """The trained ResNet-18 with the rest in FP32 misses a 100% agreement target; excluding convs reaches it."""
-    result = precision_from_onnx(digits_r18.fp32, digits_r18.root / "int8_strict.onnx", "int8", digits_r18.train, "trt",
-                                 calib_size=CALIB, val=digits_r18.val, reference=TorchRunner(digits_r18.model.module),
-                                 min_agreement=1.0, rest="fp32")
+    request = PrecisionRequest("int8", digits_r18.train, "trt", calib_size=CALIB, val=digits_r18.val,
+                               min_agreement=1.0, rest="fp32")
+    result = precision_from_onnx(digits_r18.fp32, digits_r18.root / "int8_strict.onnx", request,
+                                 reference=TorchRunner(digits_r18.model.module))
     assert result.before["top1_agreement"] < 1.0
     assert result.verification.passed and result.verification.metrics["top1_agreement"] == 1.0
     assert result.excluded and result.record["excluded_nodes"] == [name for name, _ in result.excluded]
@@ -126,7 +129,7 @@ def test_missed_gate_keeps_artifact(digits, tmp_path):
     np.save(constant, np.full((64, 1, 32, 32), -2.0, dtype=np.float32))
     out = tmp_path / "bad.onnx"
     with pytest.raises(GateFailed, match="failed the INT8 gate: top-1 agreement"):
-        precision_from_onnx(digits.fp32, out, "int8", constant, "cpu", val=digits.val)
+        precision_from_onnx(digits.fp32, out, PrecisionRequest("int8", constant, "cpu", val=digits.val))
     assert out.is_file()
     assert json.loads((tmp_path / "bad.onnx.json").read_text())["verification"]["passed"] is False
 

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 
 from resnet_export.data import load_image
@@ -42,6 +43,18 @@ def test_images_are_converted_to_the_model_channels():
         spec = default_preprocessing(channels, (32, 32))
         for path in (IMAGES / "person" / "camera.png", IMAGES / "logo" / "logo.png", IMAGES / "cat" / "chelsea.jpg"):
             assert load_image(path, spec).shape == (channels, 32, 32)
+
+    def pixels(path, channels):  # undo the normalisation: values in [0, 1]
+        spec = default_preprocessing(channels, (32, 32))
+        std, mean = np.asarray(spec.std)[:, None, None], np.asarray(spec.mean)[:, None, None]
+        return load_image(path, spec) * std + mean
+
+    gray_as_rgb = pixels(IMAGES / "person" / "camera.png", 3)  # a grayscale file given to an RGB model
+    np.testing.assert_allclose(gray_as_rgb[0], gray_as_rgb[1], atol=1e-6)
+    np.testing.assert_allclose(gray_as_rgb[0], gray_as_rgb[2], atol=1e-6)
+    rgb, luminance = pixels(IMAGES / "cat" / "chelsea.jpg", 3), pixels(IMAGES / "cat" / "chelsea.jpg", 1)[0]
+    weighted = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # PIL's L conversion (ITU-R 601-2)
+    assert np.abs(weighted - luminance).mean() < 2 / 255 and 0 <= luminance.min() and luminance.max() <= 1
 
 
 @pytest.mark.slow
@@ -84,7 +97,7 @@ def test_unusable_calibration_folders(resnet18_onnx, tmp_path, content):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--int8"], "--int8 needs calibration data: --calib DIR"),
+        (["--int8"], "int8 needs calibration data (--calib DIR)"),
         (["--fp16", "--int8", "--calib", "x"], "--fp16 and --int8 exclude each other"),
         ([], "choose a precision"),
         (["--int8", "--calib", str(IMAGES), "--calib-method", "minmax"], "not available for --target trt"),
@@ -135,3 +148,62 @@ def test_trt_onnx_only_is_the_intended_stop(tmp_path):
     assert result.exit_code == 0, result.output
     assert "--onnx-only: no engine built" in result.stdout
     assert (tmp_path / "r18.fp16.onnx").is_file() and not out.exists()
+
+
+def test_precision_requests_are_validated_when_made(resnet18_onnx, tmp_path):
+    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+    from resnet_export.precision import PrecisionError
+
+    with pytest.raises(PrecisionError, match="unknown precision 'fp8'"):
+        PrecisionRequest("fp8")
+    with pytest.raises(PrecisionError, match="int8 needs calibration data"):
+        PrecisionRequest("int8")
+    with pytest.raises(PrecisionError, match="not available for `target` cpu"):
+        PrecisionRequest("int8", IMAGES, "cpu", "entropy-ish")
+    with pytest.raises(PrecisionError, match="makes fp16 or int8; an FP32 ONNX comes from onnx_from_model"):
+        precision_from_onnx(resnet18_onnx.path, tmp_path / "x.onnx", PrecisionRequest())
+    with pytest.raises(TypeError):  # settings are keyword-only
+        precision_from_onnx(resnet18_onnx.path, tmp_path / "x.onnx", PrecisionRequest("fp16"), None)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_quantize_seed_gates_and_npz_reach_the_manifest(resnet18_onnx, tmp_path):
+    arrays = np.random.default_rng(0).standard_normal((12, 3, 64, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", inputs=arrays)
+    scales = {}
+    for seed in (0, 1):
+        out = tmp_path / f"q{seed}.onnx"
+        result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--calib-size", "4", "--target", "cpu",
+                     "--seed", seed, "--min-agreement", "0.0", "--max-accuracy-drop", "100", "-o", out)
+        assert result.exit_code == 0, result.output
+        manifest = json.loads(out.with_name(out.name + ".json").read_text())
+        assert manifest["settings"]["seed"] == seed
+        assert manifest["verification"]["gate"]["min_top1_agreement"] == 0.0
+        assert manifest["verification"]["gate"]["max_accuracy_drop"] == 100
+        model = onnx.load(str(out))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        scales[seed] = [float(inits[n.input[1]]) for n in model.graph.node
+                        if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1]
+    assert scales[0] != scales[1]  # another seed, other calibration images, other ranges
+    npz = run("quantize", resnet18_onnx.path, "--int8", "--calib", tmp_path / "calib.npz", "--calib-size", "8",
+              "--target", "cpu", "--calib-method", "percentile", "--min-agreement", "0", "-o", tmp_path / "npz.onnx")
+    assert npz.exit_code == 0, npz.output
+    assert "INT8 (cpu, percentile, 8 calibration samples)" in npz.stdout and "vs 4 held-out arrays" in npz.stdout
+
+
+@pytest.mark.slow
+def test_cpu_entropy_calibration(resnet18_onnx, tmp_path):
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--calib-size", "4", "--target", "cpu",
+                 "--calib-method", "entropy", "-o", tmp_path / "e.onnx")
+    assert result.exit_code == 0, result.output
+    assert "INT8 (cpu, entropy, 4 calibration samples)" in result.stdout
+
+
+def test_trt_builds_fp32_by_default(tmp_path):
+    out = tmp_path / "r18.plan"
+    result = run("trt", *SMALL, "--onnx-only", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "FP32 ONNX vs PyTorch" in result.stdout and "PASS" in result.stdout
+    manifest = json.loads((tmp_path / "r18.fp32.onnx.json").read_text())
+    assert manifest["precision"] == "fp32" and not out.exists()

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from resnet_export.errors import GateFailed
-from resnet_export.pipeline import precision_from_onnx
+from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
 from resnet_export.precision import PrecisionError
 from resnet_export.runners import OrtRunner
 
@@ -87,7 +87,7 @@ def test_auto_tries_the_fp32_rest_with_the_same_ranges_when_fp16_misses(digits_r
     np.save(blank, np.zeros((64, 1, 32, 32), dtype=np.float32))
     out = tmp_path / "bad.onnx"
     with pytest.raises(GateFailed, match="failed the INT8 gate"):
-        precision_from_onnx(digits_r18.fp32, out, "int8", blank, "trt", "max", val=digits_r18.val)
+        precision_from_onnx(digits_r18.fp32, out, PrecisionRequest("int8", blank, "trt", "max", val=digits_r18.val))
     manifest = json.loads(out.with_name("bad.onnx.json").read_text())
     first, second = manifest["rest"]["attempts"]
     assert first["rest"] == "fp16" and second["rest"] == "fp32"
@@ -99,7 +99,7 @@ def test_auto_tries_the_fp32_rest_with_the_same_ranges_when_fp16_misses(digits_r
 
 def test_rest_only_for_int8_trt(resnet18_onnx, tmp_path):
     with pytest.raises(PrecisionError, match="INT8 for the trt target only"):
-        precision_from_onnx(resnet18_onnx.path, tmp_path / "h.onnx", "fp16", rest="fp16")
+        PrecisionRequest("fp16", rest="fp16")
     result = run("quantize", resnet18_onnx.path, "--fp16", "--rest", "fp32", "-o", tmp_path / "h.onnx")
     assert_one_line_error(result, "rest precision is a setting of INT8 for the trt target only")
 
@@ -107,7 +107,7 @@ def test_rest_only_for_int8_trt(resnet18_onnx, tmp_path):
 @pytest.mark.slow
 def test_fp16_autocast_keeps_agreement_and_casts_every_compute_node(digits_r18, tmp_path):
     """AutoCast on the trained ResNet-18: FP16 everywhere but the FP32 input and output casts."""
-    result = precision_from_onnx(digits_r18.fp32, tmp_path / "fp16.onnx", "fp16", val=digits_r18.val)
+    result = precision_from_onnx(digits_r18.fp32, tmp_path / "fp16.onnx", PrecisionRequest("fp16", val=digits_r18.val))
     assert result.verification.passed and result.verification.metrics["top1_agreement"] >= 0.99
     model = onnx.shape_inference.infer_shapes(onnx.load(str(result.path)))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}

@@ -126,7 +126,7 @@ def test_inspect_onnx(resnet18_onnx):
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, resnet18_small):
     """resnet18 engines in FP32, FP16 and INT8, built through the CLI's own pipeline."""
-    from resnet_export.pipeline import engine_from_onnx, onnx_from_model, precision_from_onnx
+    from resnet_export.pipeline import PrecisionRequest, engine_from_onnx, onnx_from_model, precision_from_onnx
     from resnet_export.runners import TorchRunner
 
     folder = tmp_path_factory.mktemp("engines")
@@ -134,11 +134,13 @@ def engines(tmp_path_factory, resnet18_small):
     fp32 = onnx_from_model(resnet18_small, folder / "fp32.onnx", images=IMAGES).path
     onnx_files = {
         "fp32": fp32,
-        "fp16": precision_from_onnx(fp32, folder / "fp16.onnx", "fp16", reference=reference).path,
-        "int8": precision_from_onnx(fp32, folder / "int8.onnx", "int8", IMAGES, "trt", reference=reference).path,
+        "fp16": precision_from_onnx(fp32, folder / "fp16.onnx", PrecisionRequest("fp16"), reference=reference).path,
+        "int8": precision_from_onnx(fp32, folder / "int8.onnx", PrecisionRequest("int8", IMAGES),
+                                    reference=reference).path,
     }
     profile = BatchProfile(1, 4, 8)
-    return {p: engine_from_onnx(path, folder / f"{p}.plan", profile, reference=reference) for p, path in onnx_files.items()}
+    return {p: engine_from_onnx(path, folder / f"{p}.plan", profile=profile, reference=reference)
+            for p, path in onnx_files.items()}
 
 
 @pytest.mark.gpu
@@ -163,7 +165,7 @@ def test_rebuild_ignores_the_stale_manifest_of_the_plan_it_replaces(resnet18_onn
     plan = tmp_path / "r18.plan"
     stale = {**BUILT, "tensorrt": "9.0.0", "compute_capability": "1.0"}  # as if built elsewhere
     (tmp_path / "r18.plan.json").write_text(json.dumps(stale))
-    result = engine_from_onnx(resnet18_onnx.path, plan, BatchProfile(2, 4, 6))
+    result = engine_from_onnx(resnet18_onnx.path, plan, profile=BatchProfile(2, 4, 6))
     assert result.verification.passed and result.verification.batch_sizes == [2, 6]  # inside the profile
     assert json.loads((tmp_path / "r18.plan.json").read_text())["tensorrt"] != "9.0.0"
 
