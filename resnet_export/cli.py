@@ -223,22 +223,22 @@ def _precision_request(fp16: bool, int8: bool, required: bool, **settings):
 
 def _precision_line(result) -> str:
     record, v = result.record, result.verification
-    what = record["dtype"].upper()
-    if record["dtype"] == "int8":
-        rest = f", rest {record['rest'].upper()}" if record.get("rest") else ""
-        what += (f" ({record['target']}, {record['calibration_method']}, {record['calibration_samples']} "
+    what = record.dtype.upper()
+    if record.dtype == "int8":
+        rest = f", rest {record.rest.upper()}" if record.rest else ""
+        what += (f" ({record.target}, {record.calibration_method}, {record.calibration_samples} "
                  f"calibration samples{rest})")
     line = f"{what}; vs {v.inputs}: {v.summary()}"
-    rest_attempts = [a for a in result.attempts if not a["excluded"]]
+    rest_attempts = [a for a in result.attempts if not a.excluded]
     if len(rest_attempts) > 1:
         first = rest_attempts[0]
-        line += (f"; rest {first['rest'].upper()} missed the gate (top-1 agreement "
-                 f"{first['metrics']['top1_agreement']:.1%}), {record['rest'].upper()} kept")
+        line += (f"; rest {first.rest.upper()} missed the gate (top-1 agreement "
+                 f"{first.metrics['top1_agreement']:.1%}), {record.rest.upper()} kept")
     if result.excluded:
         names = ", ".join(name for name, _ in result.excluded)
         line += (f"; kept {len(result.excluded)} conv(s) in higher precision ({names}); "
                  f"top-1 agreement before {result.before['top1_agreement']:.1%}")
-    if result.random_weights and record["dtype"] == "int8":
+    if result.random_weights and record.dtype == "int8":
         line += " (random weights: agreement on random weights is not a measure of quantization quality)"
     return line + ": PASS"
 
@@ -299,8 +299,8 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
         click.echo(f"{result.onnx} written; --onnx-only: no engine built")
         return
     record, v = result.engine.record, result.engine.verification
-    click.echo(f"{output}: {record['precision']['dtype'].upper()} engine, TensorRT {record['tensorrt']} on "
-               f"{record['gpu']} (built in {record['build_seconds']} s); vs {v.inputs}: {v.summary()}: PASS")
+    click.echo(f"{output}: {record.precision['dtype'].upper()} engine, TensorRT {record.tensorrt} on "
+               f"{record.gpu} (built in {record.build_seconds} s); vs {v.inputs}: {v.summary()}: PASS")
 
 
 @main.command("verify")

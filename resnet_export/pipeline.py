@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +23,13 @@ from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mo
 from .manifest import atomic_output, check_not_input, check_writable_dir, sha256_file, write_manifest
 from .models import LoadedModel, model_files
 from .onnx_graph import input_spec, load_onnx, onnx_preprocessing, qdq_summary, read_metadata
-from .precision import RESTS, PrecisionError, check_method, quantize_int8, to_fp16
+from .precision import RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .sensitivity import rank_quantized_convs
 from .trt import (
     BatchProfile,
     BuildOptions,
+    EngineBuild,
     TensorRTUnavailable,
     TrtRunner,
     build_engine,
@@ -155,6 +156,17 @@ def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: 
 
 
 @dataclass
+class Attempt:
+    """One verified conversion: the rest precision (trt INT8), the convs kept out, and how it did."""
+
+    rest: str | None
+    excluded: list[str]
+    passed: bool
+    failures: list[str]
+    metrics: dict
+
+
+@dataclass
 class PrecisionResult:
     """What ``precision_from_onnx`` produced.
 
@@ -163,11 +175,11 @@ class PrecisionResult:
     """
 
     path: Path
-    record: dict
+    record: Conversion
     verification: Verification
     excluded: list[tuple[str, float]]
     before: dict | None = None
-    attempts: list[dict] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     random_weights: bool = False
 
 
@@ -266,13 +278,13 @@ def precision_from_onnx(
         inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
     gate, custom_gate = request.gate(), request.custom_gate
     reference = reference or OrtRunner(source)
-    attempts: list[dict] = []
+    attempts: list[Attempt] = []
 
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         work = Path(work)
         ranges = work / "ranges.cache"
 
-        def convert(rest_dtype: str | None, exclude: list[str]) -> tuple[Path, dict, Verification]:
+        def convert(rest_dtype: str | None, exclude: list[str]) -> tuple[Path, Conversion, Verification]:
             """One conversion into the work folder, verified; calibration ranges reused after the first."""
             path = work / f"attempt-{len(attempts)}.onnx"
             if precision == "fp16":
@@ -288,11 +300,11 @@ def precision_from_onnx(
                 candidate = OrtRunner(path)
                 verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch)
             if candidate.fp16_quantize_rewritten:
-                record["cpu_verification_note"] = (
+                record.cpu_verification_note = (
                     f"{candidate.fp16_quantize_rewritten} float16 QuantizeLinear evaluated in float32 on ONNX "
                     "Runtime's CPU provider, which truncates them (onnxruntime#18576)")
-            attempts.append({"rest": rest_dtype, "excluded": list(exclude), "passed": verification.passed,
-                             "failures": verification.failures, "metrics": verification.metrics})
+            attempts.append(Attempt(rest_dtype, list(exclude), verification.passed, verification.failures,
+                                    verification.metrics))
             return path, record, verification
 
         rests = ([None] if not trt_int8 else ["fp16", "fp32"] if rest == "auto" else [rest])
@@ -303,10 +315,10 @@ def precision_from_onnx(
                 break
         best = next((t for t in tried if t[2].passed), None) or max(
             tried, key=lambda t: (t[2].metrics["top1_agreement"], t[2].metrics["min_cosine"]))
-        chosen_rest = attempts[tried.index(best)]["rest"]
+        chosen_rest = attempts[tried.index(best)].rest
         if len(tried) > 1:
             why = ("FP16 rest missed the gate ({}); FP32 rest {}".format(
-                "; ".join(attempts[0]["failures"]), "passed" if best[2].passed else "missed it too"))
+                "; ".join(attempts[0].failures), "passed" if best[2].passed else "missed it too"))
             log.warning(f"{why}: kept the {chosen_rest.upper()} rest")
         path, record, verification = best
         excluded, before = [], None
@@ -337,8 +349,8 @@ def precision_from_onnx(
         settings={"target": target if precision == "int8" else None, "calib": str(calib) if calib else None,
                   "calib_size": calib_size, "seed": seed, "val": str(val) if val else None,
                   "rest": rest if trt_int8 else None},
-        conversion=record,
-        rest={"requested": rest, "chosen": chosen_rest, "attempts": attempts} if trt_int8 else None,
+        conversion=record.to_dict(),
+        rest={"requested": rest, "chosen": chosen_rest, "attempts": [asdict(a) for a in attempts]} if trt_int8 else None,
         qdq=qdq_summary(output),
         sensitivity={"excluded": [{"node": n, "added_error": e} for n, e in excluded], "metrics_before": before}
         if searching else None,
@@ -356,7 +368,7 @@ class EngineResult:
     """What ``engine_from_onnx`` produced."""
 
     path: Path
-    record: dict
+    record: EngineBuild
     verification: Verification
 
 
@@ -370,12 +382,12 @@ def engine_from_onnx(onnx_path: str | Path, output: str | Path, *, profile: Batc
     """
     check_not_input([output], [onnx_path])
     record = build_engine(onnx_path, output, profile, options)
-    precision = record["precision"].get("dtype", "fp32")
+    precision = record.precision.get("dtype", "fp32")
     inputs = inputs or random_inputs(onnx_preprocessing(onnx_path), max(8, profile.max), seed)
-    engine = TrtRunner(output, manifest=record)
+    engine = TrtRunner(output, manifest=record.to_dict())
     sizes = profile_batch_sizes(engine.profile_min_batch, engine.profile_max_batch)
     verification = verify(reference or OrtRunner(onnx_path), engine, inputs, GATES[precision], sizes=sizes)
-    write_manifest(output, stage="engine", **record, verification=verification.to_dict())
+    write_manifest(output, stage="engine", **record.to_dict(), verification=verification.to_dict())
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (plan kept)")
     return EngineResult(Path(output), record, verification)
 

@@ -21,6 +21,7 @@ import shutil
 import struct
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,6 +47,27 @@ CALIB_BATCH = 32
 
 class PrecisionError(ResnetExportError):
     """A precision conversion was asked for with unusable settings, or failed."""
+
+
+@dataclass
+class Conversion:
+    """How a precision ONNX was made; stored in its metadata (``precision``) and its manifest."""
+
+    dtype: str
+    tool: str
+    target: str | None = None
+    calibration_method: str | None = None
+    calibration_samples: int | None = None
+    excluded_nodes: list[str] = field(default_factory=list)
+    rest: str | None = None
+    ranges_reused: bool = False
+    calibration_seconds: float | None = None
+    keep_io_types: bool | None = None
+    cpu_verification_note: str | None = None
+
+    def to_dict(self) -> dict:
+        """The record as JSON, without the fields that do not apply."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class CalibrationReader:
@@ -97,9 +119,9 @@ def _quiet_tools() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = old_tqdm
 
 
-def _save_with_metadata(model: onnx.ModelProto, source: Path, output: Path, precision: dict) -> None:
+def _save_with_metadata(model: onnx.ModelProto, source: Path, output: Path, precision: Conversion) -> None:
     """Carry the source's toolkit metadata forward, add the precision record, check and save atomically."""
-    set_metadata(model, {**read_metadata(source), "precision": precision})
+    set_metadata(model, {**read_metadata(source), "precision": precision.to_dict()})
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # checker raises ValidationError and friends
@@ -113,10 +135,10 @@ def input_name(path: str | Path) -> str:
     return input_dims(load_onnx(path, load_weights=False))[0]
 
 
-def to_fp16(source: str | Path, output: str | Path) -> dict:
+def to_fp16(source: str | Path, output: str | Path) -> Conversion:
     """Convert an FP32 ONNX to FP16 with ModelOpt AutoCast, FP32 inputs and outputs kept.
 
-    Returns the precision record stored in the model's metadata.
+    Returns the record of the conversion, also stored in the model's metadata.
     """
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
@@ -127,7 +149,7 @@ def to_fp16(source: str | Path, output: str | Path) -> dict:
             model = convert_to_mixed_precision(onnx_path=str(source), low_precision_type="fp16", keep_io_types=True)
         except Exception as exc:  # AutoCast raises assorted errors on unsupported graphs
             raise PrecisionError(f"FP16 conversion of {source} failed: {first_line(exc)}") from exc
-    record = {"dtype": "fp16", "tool": "modelopt.autocast", "keep_io_types": True}
+    record = Conversion("fp16", "modelopt.autocast", keep_io_types=True)
     _save_with_metadata(model, source, output, record)
     return record
 
@@ -155,13 +177,13 @@ def quantize_int8(
     rest: str = "fp16",
     ranges: str | Path | None = None,
     save_ranges: str | Path | None = None,
-) -> dict:
+) -> Conversion:
     """Calibrate on ``calibration`` (preprocessed ``(N, C, H, W)``) and write an INT8 Q/DQ ONNX.
 
     ``exclude`` names Conv nodes kept in higher precision. For the trt target, ``rest`` is the
     precision of everything not quantized, ``ranges`` a calibration cache saved by an earlier call
     (its activation ranges are reused: no calibration pass over the data) and ``save_ranges`` where
-    to save this call's ranges. Returns the precision record stored in the model's metadata.
+    to save this call's ranges. Returns the record of the conversion, also stored in the model's metadata.
     """
     source, output = Path(source), Path(output)
     method = check_method(target, method)
@@ -170,10 +192,10 @@ def quantize_int8(
     if target == "cpu" and (ranges or save_ranges):
         raise PrecisionError("calibration ranges are reused for the trt target only")
     name = input_name(source)
-    record = {"dtype": "int8", "target": target, "calibration_method": method,
-              "calibration_samples": int(len(calibration)), "excluded_nodes": list(exclude)}
+    tool = "modelopt.onnx.quantization" if target == "trt" else "onnxruntime.quantization"
+    record = Conversion("int8", tool, target, method, int(len(calibration)), list(exclude))
     if target == "trt":
-        record.update(rest=rest, ranges_reused=ranges is not None)
+        record.rest, record.ranges_reused = rest, ranges is not None
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         work = Path(work)
         model_copy = work / "model.onnx"  # ModelOpt rewrites its input in place
@@ -189,9 +211,9 @@ def quantize_int8(
         start = time.perf_counter()
         _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude), rest, bool(ranges)),
                       f"{what} ({target}, {method})", total, f"INT8 quantization of {source} failed")
-        record["calibration_seconds"] = round(time.perf_counter() - start, 1)
+        record.calibration_seconds = round(time.perf_counter() - start, 1)
         log.info(f"{what} ({target}, {method}{f', rest {rest.upper()}' if target == 'trt' else ''}) "
-                 f"on {len(calibration)} samples in {record['calibration_seconds']} s")
+                 f"on {len(calibration)} samples in {record.calibration_seconds} s")
         if save_ranges:
             shutil.copyfile(work / "ranges.cache", save_ranges)
         _save_with_metadata(onnx.load(str(quantized)), source, output, record)

@@ -220,9 +220,28 @@ def _strongly_typed_network(builder, onnx_path: Path, logger):
     return network, parser
 
 
+@dataclass
+class EngineBuild:
+    """What built a plan and where it can run: the plan manifest's core (``to_dict``)."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    cuda: str | None
+    onnx: str
+    onnx_sha256: str
+    precision: dict
+    profile: dict
+    build_seconds: float
+    options: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
-                 options: BuildOptions | None = None) -> dict:
-    """Build a strongly typed engine from ``onnx_path`` into ``output``; returns its manifest record.
+                 options: BuildOptions | None = None) -> EngineBuild:
+    """Build a strongly typed engine from ``onnx_path`` into ``output``; returns its build record.
 
     The caller writes the manifest (``engine_from_onnx`` adds the verification to it).
     """
@@ -271,16 +290,15 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
         tmp.write_bytes(bytes(plan))
     if options.timing_cache:
         write_timing_cache(options.timing_cache, bytes(cache.serialize()))
-    record = {
+    return EngineBuild(
         **runtime_info(),
-        "onnx": str(onnx_path),
-        "onnx_sha256": sha256_file(onnx_path),
-        "precision": read_metadata(onnx_path).get("precision", {"dtype": "fp32"}),
-        "profile": {"input": input_name, **{k: list(v) for k, v in shapes.items()}},
-        "build_seconds": round(build_seconds, 2),
-        "options": asdict(options),
-    }
-    return record
+        onnx=str(onnx_path),
+        onnx_sha256=sha256_file(onnx_path),
+        precision=read_metadata(onnx_path).get("precision", {"dtype": "fp32"}),
+        profile={"input": input_name, **{k: list(v) for k, v in shapes.items()}},
+        build_seconds=round(build_seconds, 2),
+        options=asdict(options),
+    )
 
 
 def load_manifest(plan: str | Path) -> dict | None:
