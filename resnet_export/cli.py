@@ -320,6 +320,28 @@ def verify_command(artifact, load, seed, images, precision):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("images", type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to keep per image.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Images per inference batch.")
+@click.option("--backend", type=click.Choice(["ort", "openvino", "trt"]),
+              help="ort (CUDA provider when present) or openvino for an ONNX; trt for a plan (default: by suffix).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="OUT.jsonl (one object per image) or OUT.csv (path, then index, class, score per rank).")
+def predict(artifact, images, top_k, batch, backend, output):
+    """Run an ONNX file or a plan on every image under IMAGES; write the top-k classes of each."""
+    from .predict import predict_folder
+
+    result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend)
+    line = f"{artifact} on {images} ({result.backend}): {result.predicted} images -> {output}"
+    if result.skipped:
+        line += f", {len(result.skipped)} unreadable skipped"
+    if result.accuracy is not None:
+        line += f"; top-1 accuracy {result.accuracy:.1%}"
+    click.echo(line)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
 def inspect(artifact):
     """Show an ONNX file's or a plan's I/O, precision mix, Q/DQ and BatchNorm counts and manifest."""
     from .describe import describe

@@ -76,3 +76,23 @@ class OrtRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class OpenVinoRunner:
+    """An ONNX file compiled by OpenVINO for its CPU device (the CPU peer users compare against)."""
+
+    def __init__(self, path: Path, precision: str, threads: int | None):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision == "fp32":  # OpenVINO's CPU default may compute in bf16; FP32 rows compute in FP32
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.name = f"openvino:{path.name}"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.request.infer({0: batch})[0])

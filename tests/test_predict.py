@@ -1,0 +1,78 @@
+"""`predict`: an artifact on an image folder, rows as JSONL or CSV, checked against running the ONNX directly."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from resnet_export.data import image_inputs
+from resnet_export.onnx_graph import onnx_preprocessing
+from resnet_export.predict import ranked
+from resnet_export.runners import OrtRunner
+
+from .conftest import IMAGES
+from .test_cli import assert_one_line_error, run
+
+
+def _direct_top1(onnx_path, folder):
+    inputs = image_inputs(folder, onnx_preprocessing(onnx_path))
+    return OrtRunner(onnx_path).infer(inputs.array).argmax(axis=1), inputs
+
+
+def test_ranked_is_softmax_order():
+    indices, scores = ranked(np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]]), 2)
+    assert indices.tolist() == [[1, 2], [2, 0]]
+    assert scores[0, 0] == pytest.approx(np.exp(3) / np.exp([1, 3, 2]).sum()) and scores[0, 0] > scores[0, 1]
+
+
+def test_predict_jsonl_matches_the_onnx_and_counts_unreadable_images(resnet18_onnx, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(IMAGES, folder)
+    (folder / "cat" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "preds.jsonl"
+    result = run("predict", resnet18_onnx.path, folder, "--top-k", "3", "--batch", "4", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "6 images ->" in result.stdout and "1 unreadable skipped" in result.stdout
+    assert "top-1 accuracy" in result.stdout  # five class folders, a five-class model
+    assert "skipped 1 unreadable images of 7: broken.jpg" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected, inputs = _direct_top1(resnet18_onnx.path, IMAGES)
+    assert [r["topk"][0]["index"] for r in rows] == expected.tolist()
+    assert all(len(r["topk"]) == 3 and r["topk"][0]["score"] >= r["topk"][1]["score"] for r in rows)
+    accuracy = float(np.mean(expected == inputs.labels))
+    assert f"top-1 accuracy {accuracy:.1%}" in result.stdout
+
+
+def test_predict_csv_and_openvino(resnet18_onnx, tmp_path):
+    out = tmp_path / "preds.csv"
+    result = run("predict", resnet18_onnx.path, IMAGES, "--backend", "openvino", "-o", out)
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as f:
+        table = list(csv.DictReader(f))
+    expected, _ = _direct_top1(resnet18_onnx.path, IMAGES)
+    assert [int(row["index_1"]) for row in table] == expected.tolist()
+    assert set(table[0]) == {"path", *[f"{n}_{r}" for r in range(1, 6) for n in ("index", "class", "score")]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "trt"], "backend trt does not run .onnx files"),
+    (["-o", "{tmp}/preds.txt"], "must end in .jsonl or .csv"),
+])
+def test_predict_errors_write_nothing(resnet18_onnx, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    output = [] if "-o" in args else ["-o", tmp_path / "preds.jsonl"]
+    assert_one_line_error(run("predict", resnet18_onnx.path, IMAGES, *args, *output), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_predict_on_the_digits_gives_the_accuracy_of_verification(digits_r18, tmp_path):
+    out = tmp_path / "digits.jsonl"
+    result = run("predict", digits_r18.fp32, digits_r18.val, "-o", out)
+    assert result.exit_code == 0, result.output
+    expected, inputs = _direct_top1(digits_r18.fp32, digits_r18.val)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 449 and [r["topk"][0]["index"] for r in rows] == expected.tolist()
+    assert f"top-1 accuracy {np.mean(expected == inputs.labels):.1%}" in result.stdout
