@@ -325,13 +325,18 @@ def verify_command(artifact, load, seed, images, precision):
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Images per inference batch.")
 @click.option("--backend", type=click.Choice(["ort", "openvino", "trt"]),
               help="ort (CUDA provider when present) or openvino for an ONNX; trt for a plan (default: by suffix).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Data: --ray (a local cluster), --ray auto, or --ray ray://HOST:10001.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --ray: inference actors, one session each.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="OUT.jsonl (one object per image) or OUT.csv (path, then index, class, score per rank).")
-def predict(artifact, images, top_k, batch, backend, output):
+def predict(artifact, images, top_k, batch, backend, ray_address, workers, output):
     """Run an ONNX file or a plan on every image under IMAGES; write the top-k classes of each."""
     from .predict import predict_folder
 
-    result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend)
+    result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend,
+                            ray_address=ray_address, workers=workers)
     line = f"{artifact} on {images} ({result.backend}): {result.predicted} images -> {output}"
     if result.skipped:
         line += f", {len(result.skipped)} unreadable skipped"

@@ -97,11 +97,14 @@ def ranked(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict_folder(artifact: str | Path, images: str | Path, output: str | Path, *, top_k: int = 5,
-                   batch: int = 32, backend: str | None = None) -> PredictResult:
+                   batch: int = 32, backend: str | None = None, ray_address: str | None = None,
+                   workers: int = 2) -> PredictResult:
     """Run ``artifact`` on every image under ``images`` and write the ``top_k`` best classes to ``output``.
 
     ``output`` ends in .jsonl (one object per image: path, topk of index, class, score) or .csv
-    (path, then index, class, score per rank); it is written atomically.
+    (path, then index, class, score per rank); it is written atomically. With ``ray_address``
+    (``"local"``, ``"auto"`` or ``"ray://host:port"``) the job runs on Ray Data: images decoded in
+    tasks, inference in ``workers`` actors holding one session each; the rows are the same.
     """
     artifact, images, output = Path(artifact), Path(images), Path(output)
     if output.suffix.lower() not in FORMATS:
@@ -112,7 +115,13 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     check_not_input([output], [artifact])
     runner, spec, backend = open_artifact(artifact, backend)
     paths, classes = find_images(images)
-    rows, labels, skipped = _run(runner, spec, images, paths, classes, top_k, batch)
+    if ray_address:
+        from .predict_ray import run_on_ray
+
+        rows, labels, skipped = run_on_ray(artifact, backend, spec, images, paths, classes, top_k, batch,
+                                           ray_address, workers)
+    else:
+        rows, labels, skipped = _run(runner, spec, images, paths, classes, top_k, batch)
     if not rows:
         raise DataError(f"no readable image among {len(paths)} files under {images}")
     if skipped:
@@ -131,8 +140,7 @@ def _run(runner, spec: Preprocessing, root: Path, paths: list[Path], classes: li
     """Decode, run and rank the images batch by batch; returns the rows, labels (or None) and skipped files."""
     from PIL import UnidentifiedImageError
 
-    rows, labels, skipped, outputs = [], [], [], 0
-    index, by_order = class_indices(classes, spec.class_names) if classes else ({}, False)
+    rows, skipped, outputs = [], [], 0
     names = spec.class_names
     with task(log, f"Predicting {len(paths)} images", len(paths)) as advance:
         for start in range(0, len(paths), batch):
@@ -149,16 +157,26 @@ def _run(runner, spec: Preprocessing, root: Path, paths: list[Path], classes: li
             logits = run_batches(runner, np.stack(arrays), _batch_sizes(runner, len(kept), batch))
             outputs = logits.shape[1]
             indices, scores = ranked(logits, top_k)
-            for path, row_indices, row_scores in zip(kept, indices, scores):
-                rows.append({"path": str(path), "topk": [
-                    {"index": int(i), "class": names[i] if names and i < len(names) else None, "score": float(s)}
-                    for i, s in zip(row_indices, row_scores)]})
-                if classes:
-                    labels.append(index[path.relative_to(root).parts[0]])
-    if not classes or not labels:
-        return rows, None, skipped
+            rows += [row(path, i, s, names) for path, i, s in zip(kept, indices, scores)]
+    return rows, folder_labels(rows, root, classes, spec, outputs), skipped
+
+
+def row(path, indices: np.ndarray, scores: np.ndarray, names: list[str] | None) -> dict:
+    """One output row: the image path and its classes, best first."""
+    return {"path": str(path), "topk": [
+        {"index": int(i), "class": names[i] if names and i < len(names) else None, "score": float(s)}
+        for i, s in zip(indices, scores)]}
+
+
+def folder_labels(rows: list[dict], root: Path, classes: list[str] | None, spec: Preprocessing,
+                  outputs: int) -> list[int] | None:
+    """The label of each row from its ImageFolder class, or None where folders are not the model's classes."""
+    if not classes or not rows:
+        return None
+    index, by_order = class_indices(classes, spec.class_names)
+    labels = [index[Path(r["path"]).relative_to(root).parts[0]] for r in rows]
     usable = Inputs(np.empty(0), np.array(labels), "", by_order).labels_for(outputs)  # the same rule as verification
-    return rows, (None if usable is None else labels), skipped
+    return None if usable is None else labels
 
 
 def _write(path: Path, rows: list[dict], top_k: int, suffix: str) -> None:

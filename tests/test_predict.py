@@ -76,3 +76,32 @@ def test_predict_on_the_digits_gives_the_accuracy_of_verification(digits_r18, tm
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 449 and [r["topk"][0]["index"] for r in rows] == expected.tolist()
     assert f"top-1 accuracy {np.mean(expected == inputs.labels):.1%}" in result.stdout
+
+
+@pytest.mark.slow
+def test_predict_on_a_local_ray_cluster_gives_the_same_rows(resnet18_onnx, tmp_path):
+    import ray
+
+    folder = tmp_path / "images"
+    shutil.copytree(IMAGES, folder)
+    (folder / "cup" / "empty.png").write_bytes(b"")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = run("predict", resnet18_onnx.path, folder, "--ray", "--workers", "2", "--batch", "4",
+                     "-o", tmp_path / "ray.jsonl")
+    finally:
+        ray.shutdown()
+    local = run("predict", resnet18_onnx.path, folder, "--batch", "4", "-o", tmp_path / "local.jsonl")
+    assert on_ray.exit_code == 0, on_ray.output
+    assert local.exit_code == 0, local.output
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+    assert "1 unreadable skipped" in on_ray.stdout and "(2 workers)" in on_ray.stderr
+
+
+def test_ray_missing_is_a_one_line_error_naming_the_extra(resnet18_onnx, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the extra: import ray fails
+    result = run("predict", resnet18_onnx.path, IMAGES, "--ray", "-o", tmp_path / "p.jsonl")
+    assert_one_line_error(result, "pip install 'resnet-export[ray]'")
+    assert not (tmp_path / "p.jsonl").exists()
