@@ -347,6 +347,31 @@ def predict(artifact, images, top_k, batch, backend, ray_address, workers, outpu
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model repository folder.")
+@click.option("--name", help="Model name (default: the artifact's stem, sanitized).")
+@click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True, help="Model version folder.")
+@click.option("--max-batch", type=click.IntRange(min=0), help="max_batch_size (default: the plan's profile max, 8 for a dynamic ONNX).")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances.")
+@click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True, help="Instance kind (a plan: GPU).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True, help="Dynamic batcher queue delay.")
+@click.option("--preferred-batch", callback=_parse_floats, metavar="N[,N,...]", help="Preferred batch sizes (default: none, Triton's advice).")
+@click.option("--ort-trt", is_flag=True, help="ONNX Runtime's TensorRT accelerator for an ONNX on GPU, with profile shapes.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Class names, one per line (default: the artifact's).")
+@click.option("--force", is_flag=True, help="Replace an existing version.")
+def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_queue_delay_us, preferred_batch, ort_trt,
+           labels, force):
+    """Write a Triton model repository entry (config.pbtxt, VERSION/model.onnx|model.plan, labels, README)."""
+    from .triton import TritonRequest, triton_entry
+
+    request = TritonRequest(name, model_version, max_batch, instances, kind, max_queue_delay_us,
+                            tuple(int(b) for b in preferred_batch or ()), ort_trt, labels, force)
+    result = triton_entry(artifact, repo, request)
+    click.echo(f"{artifact} -> {result.model_dir}: version {model_version}, max_batch_size {result.max_batch_size}, "
+               f"{result.labels or 'no'} labels; config validated as Triton's ModelConfig")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
 def inspect(artifact):
     """Show an ONNX file's or a plan's I/O, precision mix, Q/DQ and BatchNorm counts and manifest."""
     from .describe import describe

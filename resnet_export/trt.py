@@ -234,6 +234,7 @@ class EngineBuild:
     profile: dict
     build_seconds: float
     options: dict
+    io: list[dict]  # name, mode (input/output), dtype (trt.DataType name), shape (-1 where dynamic)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,7 +299,15 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
         profile={"input": input_name, **{k: list(v) for k, v in shapes.items()}},
         build_seconds=round(build_seconds, 2),
         options=asdict(options),
+        io=network_io(network),
     )
+
+
+def network_io(network) -> list[dict]:
+    """The network's inputs and outputs as the manifest records them (what `triton` configs are made from)."""
+    tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
+    tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
+    return [{"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)} for mode, t in tensors]
 
 
 def load_manifest(plan: str | Path) -> dict | None:

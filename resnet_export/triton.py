@@ -1,0 +1,386 @@
+"""A Triton Inference Server model repository entry from an artifact: ONNX (onnxruntime backend) or plan.
+
+The config is built as Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``,
+the way Triton Model Navigator builds it: ``json_format.ParseDict`` then ``text_format``), parsed back
+and checked against the artifact before anything is written. The rules it enforces are the ones
+users trip on (Triton server issues #4445, #7056, #5013, #5866; onnxruntime_backend #165): with
+``max_batch_size > 0`` dims leave out the batch axis and every input and output must have a dynamic
+dim 0; a fixed-batch model gets ``max_batch_size: 0`` and full dims; a plan's ``max_batch_size`` stays
+inside its profile and runs on a GPU instance of its compute capability.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ResnetExportError
+
+log = logging.getLogger(__name__)
+
+#: ONNX TensorProto element types and TensorRT DataType names -> Triton data types.
+ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 3: "TYPE_INT8", 2: "TYPE_UINT8", 6: "TYPE_INT32",
+              7: "TYPE_INT64", 9: "TYPE_BOOL"}
+TRT_TYPES = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8",
+             "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL"}
+KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+DEFAULT_MAX_BATCH = 8
+
+
+class TritonError(ResnetExportError):
+    """A model repository entry cannot be made as asked."""
+
+
+@dataclass(frozen=True)
+class TritonRequest:
+    """How to serve the artifact: repository entry name and version, batching, instances, accelerator."""
+
+    name: str | None = None
+    version: int = 1
+    max_batch: int | None = None  # default: the plan's profile maximum, 8 for a dynamic ONNX
+    instances: int = 1
+    kind: str = "auto"
+    max_queue_delay_us: int = 100
+    preferred_batch: tuple[int, ...] = ()
+    ort_trt: bool = False
+    labels: Path | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise TritonError(f"unknown instance kind '{self.kind}'; choose one of {', '.join(KINDS)}")
+        if self.version < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
+            raise TritonError("`version` and `instances` must be positive and `max_queue_delay_us` not negative")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise TritonError(f"model name '{self.name}' may hold letters, digits, '_', '.' and '-' only")
+
+
+@dataclass
+class Tensor:
+    """One model input or output as Triton sees it: full dims, None where dynamic."""
+
+    name: str
+    data_type: str
+    dims: list[int | None]
+
+
+@dataclass
+class Served:
+    """What the artifact is, as far as Triton is concerned."""
+
+    kind: str  # "onnx" | "plan"
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    precision: str
+    preprocessing: dict | None
+    class_names: list[str] | None
+    profile: dict | None = None  # a plan's: input name, min/opt/max shapes
+    compute_capability: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TritonResult:
+    """The repository entry written: its folder, config text and settings that were derived."""
+
+    model_dir: Path
+    config: str
+    max_batch_size: int
+    labels: int
+
+
+def sanitize(stem: str) -> str:
+    """A model name from a file stem: characters Triton and file systems both accept."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip(".") or "model"
+
+
+def describe_artifact(artifact: Path) -> Served:
+    """The I/O, precision, preprocessing and class names of an ONNX file, or of a plan from its manifest."""
+    if not artifact.is_file():
+        raise TritonError(f"{artifact} not found")
+    if artifact.suffix == ".onnx":
+        return _describe_onnx(artifact)
+    if artifact.suffix in (".plan", ".engine"):
+        return _describe_plan(artifact)
+    raise TritonError(f"{artifact}: expected an .onnx file or a TensorRT .plan")
+
+
+def _describe_onnx(path: Path) -> Served:
+    import onnx
+
+    from .onnx_graph import graph_inputs, load_onnx, read_metadata
+
+    model = load_onnx(path, load_weights=False)
+
+    def tensors(values) -> list[Tensor]:
+        out = []
+        for v in values:
+            elem = v.type.tensor_type.elem_type
+            if elem not in ONNX_TYPES:
+                raise TritonError(f"{path}: tensor '{v.name}' has type {onnx.TensorProto.DataType.Name(elem)}, "
+                                  "which has no Triton type here")
+            out.append(Tensor(v.name, ONNX_TYPES[elem], [d.dim_value or None for d in v.type.tensor_type.shape.dim]))
+        return out
+
+    meta = read_metadata(model)
+    preprocessing = meta.get("preprocessing")
+    return Served("onnx", tensors(graph_inputs(model)), tensors(model.graph.output),
+                  meta.get("precision", {}).get("dtype", "fp32"), preprocessing,
+                  (preprocessing or {}).get("class_names"))
+
+
+def _describe_plan(path: Path) -> Served:
+    from .onnx_graph import read_metadata
+    from .trt import load_manifest
+
+    manifest = load_manifest(path)
+    if not manifest or "io" not in manifest or "profile" not in manifest:
+        raise TritonError(f"{path} has no engine manifest with its I/O and profile ({path.name}.json, written by "
+                          "`resnet-export trt`): its config cannot be derived")
+    inputs = [Tensor(t["name"], TRT_TYPES[t["dtype"]], [d if d >= 0 else None for d in t["shape"]])
+              for t in manifest["io"] if t["mode"] == "input"]
+    outputs = [Tensor(t["name"], TRT_TYPES[t["dtype"]], [d if d >= 0 else None for d in t["shape"]])
+               for t in manifest["io"] if t["mode"] == "output"]
+    source = Path(manifest.get("onnx", ""))
+    preprocessing = read_metadata(source).get("preprocessing") if source.is_file() else None
+    if preprocessing is None:
+        log.warning(f"{path}: the ONNX it was built from ({source}) is gone: no preprocessing in the config")
+    return Served("plan", inputs, outputs, manifest.get("precision", {}).get("dtype", "fp32"), preprocessing,
+                  (preprocessing or {}).get("class_names"), manifest["profile"], manifest.get("compute_capability"))
+
+
+def build_config(served: Served, name: str, request: TritonRequest, class_names: list[str] | None) -> tuple[str, int]:
+    """The config.pbtxt text for ``served`` and its max_batch_size; raises on any rule it would break."""
+    max_batch = _max_batch(served, request)
+    kind = KINDS[request.kind]
+    if served.kind == "plan":
+        if request.kind == "cpu":
+            raise TritonError("a TensorRT plan runs on a GPU instance only: use `kind` gpu or auto")
+        kind = "KIND_GPU"
+    if request.ort_trt and (served.kind != "onnx" or request.kind == "cpu"):
+        raise TritonError("`ort_trt` is ONNX Runtime's TensorRT accelerator for an ONNX on a GPU instance")
+    for size in request.preferred_batch:
+        if not 1 <= size <= max_batch:
+            raise TritonError(f"preferred batch size {size} is outside 1..max_batch_size {max_batch}")
+
+    def io(tensor: Tensor, label: bool = False) -> dict:
+        dims = tensor.dims[1:] if max_batch > 0 else tensor.dims
+        entry = {"name": tensor.name, "data_type": tensor.data_type, "dims": [-1 if d is None else d for d in dims]}
+        if label:
+            entry["label_filename"] = "labels.txt"
+        return entry
+
+    config = {
+        "name": name,
+        "backend": "onnxruntime" if served.kind == "onnx" else "tensorrt",
+        "max_batch_size": max_batch,
+        "input": [io(t) for t in served.inputs],
+        "output": [io(t, label=bool(class_names) and i == 0) for i, t in enumerate(served.outputs)],
+        "instance_group": [{"count": request.instances, "kind": kind}],
+        "version_policy": {"specific": {"versions": [request.version]}},
+    }
+    if max_batch > 0:
+        batching = {"max_queue_delay_microseconds": request.max_queue_delay_us}
+        if request.preferred_batch:
+            batching["preferred_batch_size"] = list(request.preferred_batch)
+        config["dynamic_batching"] = batching
+    config["model_warmup"] = [_warmup(served, size, max_batch) for size in sorted({1, max(max_batch, 1)})]
+    if served.kind == "plan":
+        config["default_model_filename"] = "model.plan"
+        if served.compute_capability:
+            config["cc_model_filenames"] = {served.compute_capability: "model.plan"}
+    if request.ort_trt:
+        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
+            {"name": "tensorrt", "parameters": _ort_trt_parameters(served, max_batch)}]}}
+    if served.preprocessing:
+        config["parameters"] = {f"preprocessing_{k}": {"string_value": json.dumps(v)}
+                                for k, v in served.preprocessing.items() if k != "class_names"}
+    text = _render(config)
+    check_config(text, served, name, max_batch)
+    return text, max_batch
+
+
+def _max_batch(served: Served, request: TritonRequest) -> int:
+    """max_batch_size: 0 for a fixed batch; else the request's, bounded by a plan's profile."""
+    dynamic = all(t.dims and t.dims[0] is None for t in served.inputs + served.outputs)
+    if served.kind == "plan":
+        low, high = served.profile["min"][0], served.profile["max"][0]
+        if low > 1:
+            raise TritonError(f"the plan's profile starts at batch {low}; Triton's batcher sends batches from 1: "
+                              "rebuild with `min_batch` 1")
+        chosen = high if request.max_batch is None else request.max_batch
+        if chosen > high:
+            raise TritonError(f"`max_batch` {chosen} is above the plan's profile maximum {high}")
+        return chosen
+    if not dynamic:
+        if request.max_batch:
+            raise TritonError("the ONNX has a fixed batch: it is served with max_batch_size 0 (no `max_batch`)")
+        return 0
+    return DEFAULT_MAX_BATCH if request.max_batch is None else request.max_batch
+
+
+def _warmup(served: Served, size: int, max_batch: int) -> dict:
+    inputs = {}
+    for t in served.inputs:
+        dims = t.dims[1:] if max_batch > 0 else [d or 1 for d in t.dims]
+        inputs[t.name] = {"data_type": t.data_type, "dims": dims, "zero_data": True}
+    return {"name": f"zeros_batch_{size}", "batch_size": size, "inputs": inputs}
+
+
+def _ort_trt_parameters(served: Served, max_batch: int) -> dict:
+    """onnxruntime_backend's TensorRT accelerator keys (its README's mapping table) for this ONNX."""
+    mode = {"fp16": "FP16", "int8": "INT8"}.get(served.precision, "FP32")
+    params = {"precision_mode": mode, "trt_engine_cache_enable": "1", "trt_timing_cache_enable": "1"}
+    if max_batch > 0:
+        shapes = {}
+        for label, batch in (("min", 1), ("opt", max_batch), ("max", max_batch)):
+            shapes[label] = ",".join(f"{t.name}:{batch}x" + "x".join(str(d) for d in t.dims[1:]) for t in served.inputs)
+        params.update(trt_profile_min_shapes=shapes["min"], trt_profile_opt_shapes=shapes["opt"],
+                      trt_profile_max_shapes=shapes["max"])
+    return params
+
+
+def _render(config: dict) -> str:
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    text = text_format.MessageToString(message)
+    if config["max_batch_size"] == 0:  # proto3 drops zero values; Triton reads a missing one as 0, say it
+        text = f"max_batch_size: 0\n{text}"
+    return text
+
+
+def check_config(text: str, served: Served, name: str, max_batch: int) -> None:
+    """Parse ``text`` back into ModelConfig and check it against the artifact; raise on any disagreement."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TritonError(f"the generated config does not parse as Triton's ModelConfig: {exc}") from exc
+    problems = []
+    if config.name != name:
+        problems.append(f"name {config.name} != folder {name}")
+    if config.max_batch_size != max_batch:
+        problems.append(f"max_batch_size {config.max_batch_size} != {max_batch}")
+    for declared, tensors in ((config.input, served.inputs), (config.output, served.outputs)):
+        if [(t.name, model_config_pb2.DataType.Name(t.data_type)) for t in declared] != \
+                [(t.name, t.data_type) for t in tensors]:
+            problems.append("tensor names or types differ from the artifact")
+        for entry, tensor in zip(declared, tensors):
+            dims = tensor.dims[1:] if max_batch > 0 else tensor.dims
+            if list(entry.dims) != [-1 if d is None else d for d in dims]:
+                problems.append(f"dims of '{tensor.name}' differ from the artifact")
+    if max_batch > 0 and not all(t.dims and t.dims[0] is None for t in served.inputs + served.outputs) \
+            and served.kind == "onnx":
+        problems.append("batching needs a dynamic dim 0 on every input and output")
+    if problems:
+        raise TritonError("the generated config disagrees with the artifact: " + "; ".join(problems))
+
+
+def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest = TritonRequest()) -> TritonResult:
+    """Write ``repo/NAME/config.pbtxt``, ``repo/NAME/VERSION/model.onnx|model.plan``, labels and a README.
+
+    Everything is validated first and staged beside its destination, then renamed into place: a
+    failure leaves the repository as it was. An existing version is replaced only with ``force``.
+    """
+    artifact, repo = Path(artifact), Path(repo)
+    served = describe_artifact(artifact)
+    name = request.name or sanitize(artifact.stem)
+    class_names = _labels(request.labels) if request.labels else served.class_names
+    text, max_batch = build_config(served, name, request, class_names)
+    model_dir = repo / name
+    version_dir = model_dir / str(request.version)
+    if version_dir.exists() and not request.force:
+        raise TritonError(f"{version_dir} exists: pass `force` to replace it")
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TritonError(f"repository {repo} cannot be created ({exc.strerror})") from exc
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    try:
+        (staging / str(request.version)).mkdir()
+        shutil.copyfile(artifact, staging / str(request.version) / f"model{'.onnx' if served.kind == 'onnx' else '.plan'}")
+        (staging / "config.pbtxt").write_text(text)
+        if class_names:
+            (staging / "labels.txt").write_text("\n".join(class_names) + "\n")
+        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names)))
+        _move_into_place(staging, model_dir, str(request.version))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TritonResult(model_dir, text, max_batch, len(class_names or []))
+
+
+def _move_into_place(staging: Path, model_dir: Path, version: str) -> None:
+    """A new model folder is one rename; into an existing one the version folder and each file are renamed."""
+    if not model_dir.exists():
+        os.rename(staging, model_dir)
+        return
+    old = model_dir / version
+    if old.exists():
+        os.rename(old, staging / f"replaced-{version}")
+    os.rename(staging / version, model_dir / version)
+    for item in ("config.pbtxt", "labels.txt", "README.md"):
+        if (staging / item).exists():
+            os.replace(staging / item, model_dir / item)
+
+
+def _labels(path: Path) -> list[str]:
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise TritonError(f"labels file {path} cannot be read ({exc.strerror})") from exc
+    if not names:
+        raise TritonError(f"labels file {path} is empty")
+    return names
+
+
+def _readme(name: str, served: Served, max_batch: int, labels: bool) -> str:
+    spec = served.preprocessing or {}
+    size = spec.get("input_size", ["H", "W"])
+    tensor_in, tensor_out = served.inputs[0], served.outputs[0]
+    classification = (f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}", class_count=5)]\n'
+                      if labels else f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}")]\n')
+    printing = ("    for entry in result.as_numpy(\"{0}\")[0]:  # b\"score:index:label\"\n        print(entry.decode())\n"
+                if labels else "    print(result.as_numpy(\"{0}\")[0].argsort()[::-1][:5])\n").format(tensor_out.name)
+    return f"""# {name}
+
+Made by `resnet-export triton` ({served.kind}, {served.precision}). Triton does not preprocess: send
+what the model takes, preprocessed as below (also in `config.pbtxt` `parameters`).
+
+- input `{tensor_in.name}`: {tensor_in.data_type}, {tensor_in.dims} (batch axis first)
+- preprocessing: resize the shorter side to {spec.get('resize', '?')}, center-crop to {size[0]}x{size[1]},
+  scale to [0, 1], subtract mean {spec.get('mean', '?')}, divide by std {spec.get('std', '?')},
+  {spec.get('channels', '?')} channel(s), channels first
+- max_batch_size: {max_batch}
+
+```python
+import numpy as np
+import tritonclient.grpc as grpcclient
+from PIL import Image
+
+def preprocess(path):
+    image = Image.open(path).convert("{'L' if spec.get('channels') == 1 else 'RGB'}")
+    scale = {spec.get('resize', size[0])} / min(image.size)
+    image = image.resize((max({size[1]}, round(image.width * scale)), max({size[0]}, round(image.height * scale))))
+    left, top = (image.width - {size[1]}) // 2, (image.height - {size[0]}) // 2
+    array = np.asarray(image.crop((left, top, left + {size[1]}, top + {size[0]})), np.float32) / 255
+    array = array.reshape(array.shape[0], array.shape[1], -1)
+    array = (array - np.array({spec.get('mean', [0.0])}, np.float32)) / np.array({spec.get('std', [1.0])}, np.float32)
+    return array.transpose(2, 0, 1)
+
+with grpcclient.InferenceServerClient("localhost:8001") as client:
+    batch = preprocess("image.jpg")[None]  # a batch of one
+    inputs = [grpcclient.InferInput("{tensor_in.name}", list(batch.shape), "FP32")]
+    inputs[0].set_data_from_numpy(batch)
+{classification}    result = client.infer("{name}", inputs, outputs=outputs)
+{printing}```
+"""

@@ -1,0 +1,173 @@
+"""`triton`: model repository entries, validated as Triton's own ModelConfig; a live server where one exists."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from resnet_export.manifest import write_manifest
+from resnet_export.trt import EngineBuild
+
+from .conftest import IMAGES
+from .test_cli import assert_one_line_error, run
+
+
+def _config(model_dir):
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_fp32_onnx_entry(resnet18_onnx, tmp_path):
+    labels = tmp_path / "names.txt"
+    labels.write_text("cat\ncup\nlogo\nperson\nrocket\n")
+    repo = tmp_path / "repo"
+    result = run("triton", resnet18_onnx.path, "--repo", repo, "--labels", labels, "--instances", "2")
+    assert result.exit_code == 0, result.output
+    model_dir = repo / "resnet18"
+    config = _config(model_dir)
+    assert config.name == "resnet18" and config.backend == "onnxruntime" and config.max_batch_size == 8
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 64, 64])]  # no batch axis
+    assert config.output[0].name == "logits" and list(config.output[0].dims) == [5]
+    assert config.output[0].label_filename == "labels.txt"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert not config.dynamic_batching.preferred_batch_size  # Triton's advice: leave it out
+    assert [w.batch_size for w in config.model_warmup] == [1, 8]
+    assert config.instance_group[0].count == 2
+    assert json.loads(config.parameters["preprocessing_mean"].string_value) == [0.485, 0.456, 0.406]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == resnet18_onnx.path.read_bytes()
+    assert (model_dir / "labels.txt").read_text().split() == ["cat", "cup", "logo", "person", "rocket"]
+    readme = (model_dir / "README.md").read_text()
+    assert 'client.infer("resnet18"' in readme and "class_count=5" in readme
+
+
+def test_fixed_batch_onnx_is_served_without_batching(resnet18_small, tmp_path):
+    from resnet_export.pipeline import onnx_from_model
+
+    fixed = onnx_from_model(resnet18_small, tmp_path / "b4.onnx", batch=4, run_verification=False).path
+    result = run("triton", fixed, "--repo", tmp_path / "repo", "--ort-trt")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "repo" / "b4" / "config.pbtxt").read_text()
+    assert text.startswith("max_batch_size: 0\n")  # said explicitly: proto3 would drop it
+    config = _config(tmp_path / "repo" / "b4")
+    assert list(config.input[0].dims) == [4, 3, 64, 64] and not config.HasField("dynamic_batching")
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP32"
+    assert_one_line_error(run("triton", fixed, "--repo", tmp_path / "other", "--max-batch", "8"),
+                          "fixed batch: it is served with max_batch_size 0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
+    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+
+    request = PrecisionRequest(precision, calib=IMAGES if precision == "int8" else None,
+                               target="cpu" if precision == "int8" else "trt", min_agreement=0.0)
+    made = precision_from_onnx(resnet18_onnx.path, tmp_path / f"r18-{precision}.onnx", request)
+    result = run("triton", made.path, "--repo", tmp_path / "repo", "--ort-trt", "--preferred-batch", "4,8")
+    assert result.exit_code == 0, result.output
+    config = _config(tmp_path / "repo" / f"r18-{precision}")
+    assert config.input[0].data_type == model_config_pb2.TYPE_FP32  # FP32 I/O kept by both conversions
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    parameters = config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
+    assert parameters["precision_mode"] == precision.upper()
+    assert parameters["trt_profile_max_shapes"] == "input:8x3x64x64"
+
+
+@pytest.fixture
+def plan(resnet18_onnx, tmp_path):
+    """A plan file beside a manifest written by the trt layer's own code (no TensorRT here: the bytes are a stand-in)."""
+    path = tmp_path / "r18.plan"
+    path.write_bytes(b"stand-in: config rendering reads the manifest only")
+    build = EngineBuild(
+        tensorrt="11.4.0", gpu="NVIDIA L4", compute_capability="8.9", cuda="13.0", onnx=str(resnet18_onnx.path),
+        onnx_sha256="0" * 64, precision={"dtype": "fp16"},
+        profile={"input": "input", "min": [1, 3, 64, 64], "opt": [8, 3, 64, 64], "max": [16, 3, 64, 64]},
+        build_seconds=1.0, options={}, io=[{"name": "input", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 64, 64]},
+                                         {"name": "logits", "mode": "output", "dtype": "FLOAT", "shape": [-1, 5]}])
+    write_manifest(path, stage="engine", **build.to_dict(), verification=None)
+    return path
+
+
+def test_plan_entry_from_its_manifest(plan, tmp_path):
+    result = run("triton", plan, "--repo", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    config = _config(tmp_path / "repo" / "r18")
+    assert config.backend == "tensorrt" and config.max_batch_size == 16  # the profile's maximum
+    assert dict(config.cc_model_filenames) == {"8.9": "model.plan"} and config.default_model_filename == "model.plan"
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (tmp_path / "repo" / "r18" / "1" / "model.plan").read_bytes() == plan.read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "32"], "`max-batch` 32 is above the plan's profile maximum 16".replace("`max-batch`", "--max-batch")),
+    (["--kind", "cpu"], "a TensorRT plan runs on a GPU instance only"),
+    (["--preferred-batch", "32"], "preferred batch size 32 is outside 1..max_batch_size 16"),
+    (["--ort-trt"], "--ort-trt is ONNX Runtime's TensorRT accelerator for an ONNX"),
+])
+def test_plan_errors_write_nothing(plan, tmp_path, args, message):
+    assert_one_line_error(run("triton", plan, "--repo", tmp_path / "repo", *args), message)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_versions_force_and_bad_artifacts(resnet18_onnx, tmp_path):
+    repo = tmp_path / "repo"
+    assert run("triton", resnet18_onnx.path, "--repo", repo).exit_code == 0
+    config_before = (repo / "resnet18" / "config.pbtxt").read_text()
+    assert_one_line_error(run("triton", resnet18_onnx.path, "--repo", repo, "--max-batch", "4"),
+                          "resnet18/1 exists: pass --force to replace it")
+    assert (repo / "resnet18" / "config.pbtxt").read_text() == config_before
+    assert run("triton", resnet18_onnx.path, "--repo", repo, "--version", "2").exit_code == 0
+    assert run("triton", resnet18_onnx.path, "--repo", repo, "--max-batch", "4", "--force").exit_code == 0
+    assert sorted(p.name for p in (repo / "resnet18").iterdir()) == ["1", "2", "README.md", "config.pbtxt"]
+    assert _config(repo / "resnet18").max_batch_size == 4
+    assert [p.name for p in repo.iterdir()] == ["resnet18"]  # no staging left behind
+    text = tmp_path / "model.txt"
+    text.write_text("not a model")
+    assert_one_line_error(run("triton", text, "--repo", repo), "expected an .onnx file or a TensorRT .plan")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(shutil.which("tritonserver") is None,
+                    reason="no tritonserver binary with the onnxruntime backend on PATH (none installable here)")
+def test_live_server_answers_as_onnx_runtime(resnet18_onnx, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    from resnet_export.runners import OrtRunner
+
+    repo = tmp_path / "repo"
+    assert run("triton", resnet18_onnx.path, "--repo", repo, "--kind", "cpu").exit_code == 0
+    grpc_port = _free_port()
+    server = subprocess.Popen(["tritonserver", f"--model-repository={repo}", f"--grpc-port={grpc_port}",
+                               "--http-port=0", "--metrics-port=0", "--grpc-address=127.0.0.1"])
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.time() + 60
+        while time.time() < deadline and not _ready(client):
+            time.sleep(1)
+        batch = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+        inputs = [grpcclient.InferInput("input", list(batch.shape), "FP32")]
+        inputs[0].set_data_from_numpy(batch)
+        answer = client.infer("resnet18", inputs).as_numpy("logits")
+        np.testing.assert_allclose(answer, OrtRunner(resnet18_onnx.path).infer(batch), rtol=1e-4, atol=1e-4)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _ready(client) -> bool:
+    try:
+        return client.is_model_ready("resnet18")
+    except Exception:  # the server is still starting
+        return False
