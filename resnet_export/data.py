@@ -110,22 +110,38 @@ def _resample(name: str):
     return {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(name, Image.BILINEAR)
 
 
+def read_image(path: str | Path, spec: Preprocessing) -> tuple[np.ndarray | None, str | None]:
+    """``load_image(path, spec)`` and None, or None and why (the error's type) for a file that cannot be decoded."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return load_image(path, spec), None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return None, type(exc).__name__
+
+
+def decode_readable(paths: list[Path], spec: Preprocessing,
+                    advance=lambda steps=1: None) -> tuple[list[np.ndarray], list[Path], list[str]]:
+    """The preprocessed arrays of the readable ``paths``, those paths, and ``NAME (error)`` for the others."""
+    arrays, kept, failures = [], [], []
+    for path in paths:
+        array, error = read_image(path, spec)
+        if error:
+            failures.append(f"{path.name} ({error})")
+        else:
+            arrays.append(array)
+            kept.append(path)
+        advance()
+    return arrays, kept, failures
+
+
 def decode_images(paths: list[Path], spec: Preprocessing, what: str = "Decoding images") -> tuple[np.ndarray, list[Path]]:
     """Decode and preprocess ``paths`` with a progress bar; unreadable files are skipped with a warning.
 
     Returns the ``(N, C, H, W)`` array and the paths that were kept. Raises when none is readable.
     """
-    from PIL import UnidentifiedImageError
-
-    arrays, kept, failures = [], [], []
     with task(log, what, len(paths), done=False) as advance:
-        for path in paths:
-            try:
-                arrays.append(load_image(path, spec))
-                kept.append(path)
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                failures.append(f"{path.name} ({type(exc).__name__})")
-            advance()
+        arrays, kept, failures = decode_readable(paths, spec, advance)
     if not kept:
         raise DataError(
             f"no readable image among {len(paths)} files: {len(failures)} skipped, cannot be decoded: "

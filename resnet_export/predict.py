@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Inputs, class_indices, find_images, load_image
+from .data import DataError, Inputs, class_indices, decode_readable, find_images
 from .manifest import atomic_output, check_not_input, check_writable_dir
 from .onnx_graph import onnx_preprocessing, read_metadata
 from .preprocessing import Preprocessing
@@ -138,20 +138,12 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
 def _run(runner, spec: Preprocessing, root: Path, paths: list[Path], classes: list[str] | None, top_k: int,
          batch: int) -> tuple[list[dict], list[int] | None, list[str]]:
     """Decode, run and rank the images batch by batch; returns the rows, labels (or None) and skipped files."""
-    from PIL import UnidentifiedImageError
-
     rows, skipped, outputs = [], [], 0
     names = spec.class_names
     with task(log, f"Predicting {len(paths)} images", len(paths)) as advance:
         for start in range(0, len(paths), batch):
-            kept, arrays = [], []
-            for path in paths[start:start + batch]:
-                try:
-                    arrays.append(load_image(path, spec))
-                    kept.append(path)
-                except (OSError, UnidentifiedImageError, ValueError) as exc:
-                    skipped.append(f"{path.name} ({type(exc).__name__})")
-                advance()
+            arrays, kept, failures = decode_readable(paths[start:start + batch], spec, advance)
+            skipped += failures
             if not kept:
                 continue
             logits = run_batches(runner, np.stack(arrays), _batch_sizes(runner, len(kept), batch))

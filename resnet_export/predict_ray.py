@@ -21,20 +21,15 @@ log = logging.getLogger(__name__)
 
 def decode(batch: dict, spec: dict) -> dict:
     """Ray task body: preprocess a batch of image paths; unreadable ones get an error and zeros."""
-    from PIL import UnidentifiedImageError
-
-    from .data import load_image
+    from .data import read_image
 
     preprocessing = Preprocessing.from_dict(spec)
-    shape = (preprocessing.channels, *preprocessing.input_size)
+    blank = np.zeros((preprocessing.channels, *preprocessing.input_size), np.float32)
     images, errors = [], []
     for path in batch["path"]:
-        try:
-            images.append(load_image(path, preprocessing))
-            errors.append("")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            images.append(np.zeros(shape, np.float32))
-            errors.append(type(exc).__name__)
+        array, error = read_image(path, preprocessing)
+        images.append(blank if error else array)
+        errors.append(error or "")
     return {"path": batch["path"], "image": np.stack(images), "error": np.array(errors)}
 
 
