@@ -157,6 +157,7 @@ def test_importing_the_package_imports_no_heavy_library():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_onnx_preprocessing_and_opset_options(tmp_path):
     out = tmp_path / "gray.onnx"
     result = run("onnx", "--arch", "resnet18", "--num-classes", "4", "--in-channels", "1", "--input-size", "32x48",
@@ -190,6 +191,7 @@ def test_verify_applies_the_requested_gate(resnet18_onnx, resnet18_small, tmp_pa
                           "failed the FP16 gate", code=3)
 
 
+@pytest.mark.slow
 def test_bench_min_time_and_threads(tmp_path):
     result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,ort",
                  "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "1", "--min-time", "0.3", "--threads", "1",

@@ -200,6 +200,7 @@ def test_cpu_entropy_calibration(resnet18_onnx, tmp_path):
     assert "INT8 (cpu, entropy, 4 calibration samples)" in result.stdout
 
 
+@pytest.mark.slow
 def test_trt_builds_fp32_by_default(tmp_path):
     out = tmp_path / "r18.plan"
     result = run("trt", *SMALL, "--onnx-only", "-o", out)
