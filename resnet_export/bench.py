@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import json
+import logging
 import os
 import platform
 import time
@@ -21,10 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from .progress import task
 from .errors import OutputError, ResnetExportError, first_line
 from .manifest import library_versions
 from .models import LoadedModel
+from .progress import task
 from .verify import compare
 
 log = logging.getLogger(__name__)
@@ -199,11 +199,11 @@ def artifact_key(loaded: LoadedModel, seed: int, opset: int | None = None) -> st
     preprocessing (input size) and the opset: a change in any of them never reuses another's ONNX.
     """
     from .export import DEFAULT_OPSET
+    from .manifest import sha256_file
     from .models import model_files
 
     factory = loaded.source.get("factory", "")
-    factory_files = [f for f in model_files(loaded) if factory.startswith(f)]
-    files = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in factory_files}
+    files = {f: sha256_file(f) for f in model_files(loaded) if factory.startswith(f)}  # weights: sha in source
     parts = [loaded.source, files, seed, loaded.preprocessing.to_dict(), opset or DEFAULT_OPSET]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
