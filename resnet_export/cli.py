@@ -202,6 +202,7 @@ def precision_options(command):
         click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True, help="Calibration images to use (seeded choice)."),
         click.option("--val", type=click.Path(path_type=Path), help="Verification images (default: calibration folder images not used to calibrate)."),
         click.option("--min-agreement", type=click.FloatRange(0, 1), help="INT8 top-1 agreement to reach; keeps sensitive convs in higher precision until met."),
+        click.option("--min-cosine", type=click.FloatRange(-1, 1), help="INT8 min cosine of the logits to reach (default 0.95); same search as --min-agreement."),
         click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="INT8 accuracy drop (points) to stay under; same search as --min-agreement."),
         click.option("--rest", type=click.Choice(["auto", "fp16", "fp32"]), default="auto", show_default=True,
                      help="INT8 for TensorRT: precision of the non-quantized part; auto tries FP16, then FP32 if the gate is missed."),
@@ -226,8 +227,9 @@ def _precision_line(result) -> str:
     what = record.dtype.upper()
     if record.dtype == "int8":
         rest = f", rest {record.rest.upper()}" if record.rest else ""
+        form = f", {record.weight_bits}-bit weights ({record.cpu_form})" if record.cpu_form else ""
         what += (f" ({record.target}, {record.calibration_method}, {record.calibration_samples} "
-                 f"calibration samples{rest})")
+                 f"calibration samples{rest}{form})")
     line = f"{what}; vs {v.inputs}: {v.summary()}"
     rest_attempts = [a for a in result.attempts if not a.excluded]
     if len(rest_attempts) > 1:
@@ -240,7 +242,7 @@ def _precision_line(result) -> str:
                  f"top-1 agreement before {result.before['top1_agreement']:.1%}")
     if result.random_weights and record.dtype == "int8":
         line += " (random weights: agreement on random weights is not a measure of quantization quality)"
-    return line + ": PASS"
+    return as_flags(line + ": PASS")
 
 
 @main.command()
@@ -248,16 +250,21 @@ def _precision_line(result) -> str:
 @precision_options
 @click.option("--target", type=click.Choice(["trt", "cpu"]), default="trt", show_default=True,
               help="trt: ModelOpt Q/DQ for TensorRT (rest per --rest); cpu: ONNX Runtime u8/s8 per-channel QDQ.")
+@click.option("--cpu", "cpu_form", type=click.Choice(["portable", "vnni"]), default="portable", show_default=True,
+              help="cpu target weights: portable (7-bit, exact on every CPU at the same speed); vnni (8-bit, only for "
+                   "fleets with VNNI/AMX or ARM64: on AVX2-only CPUs such as Zen 2/3 or pre-Cascade Lake Xeons "
+                   "ONNX Runtime's kernels saturate and accuracy collapses).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration choice and random inputs.")
 @_output_option("OUT.onnx")
-def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, rest, target,
-             seed, output):
+def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, min_cosine, max_accuracy_drop,
+             rest, target, cpu_form, seed, output):
     """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it."""
     from .pipeline import precision_from_onnx
 
     request = _precision_request(fp16, int8, True, calib=calib, target=target, method=calib_method,
                                  calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
-                                 max_accuracy_drop=max_accuracy_drop, rest=rest)
+                                 min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest,
+                                 cpu_form=cpu_form)
     result = precision_from_onnx(source, output, request)
     click.echo(f"{source} -> {output}: {_precision_line(result)}")
 
@@ -276,7 +283,8 @@ def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agree
 @click.option("--hardware-compat", is_flag=True, help="Build a plan that runs on any Ampere or newer GPU.")
 @click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
 @_output_option("OUT.plan")
-def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, max_accuracy_drop, rest,
+def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, min_cosine,
+        max_accuracy_drop, rest,
         min_batch, opt_batch, max_batch, workspace, timing_cache, builder_opt_level, version_compatible,
         hardware_compat, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
@@ -285,7 +293,7 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
 
     request = _precision_request(fp16, int8, False, calib=calib, target="trt", method=calib_method,
                                  calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
-                                 max_accuracy_drop=max_accuracy_drop, rest=rest)
+                                 min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest)
     profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
                            version_compatible, hardware_compat)
@@ -311,11 +319,18 @@ def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val,
               help="Gate to apply (default: the precision the artifact records).")
 def verify_command(artifact, load, seed, images, precision):
     """Compare an ONNX file or a TensorRT plan with the PyTorch model, using its precision's gate."""
-    from .pipeline import verify_artifact
+    from .cpu import cpu_info, describe_cpu
+    from .pipeline import recorded_verification, verify_artifact
 
     loaded = load()
     precision, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision)
-    click.echo(f"{artifact}: {precision.upper()} vs PyTorch on {v.inputs}: {v.summary()}: PASS")
+    line = f"{artifact}: {precision.upper()} vs PyTorch on {v.inputs}, {describe_cpu(cpu_info())}: {v.summary()}"
+    recorded = recorded_verification(artifact)
+    if recorded and recorded.get("metrics"):
+        m = recorded["metrics"]
+        line += (f"; when made ({describe_cpu(recorded.get('cpu') or {})}): top-1 agreement "
+                 f"{m['top1_agreement']:.1%}, min cosine {m['min_cosine']:.7f}")
+    click.echo(line + ": PASS")
 
 
 @main.command()

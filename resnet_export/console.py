@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn
 console = Console(stderr=True, highlight=False)
 
 #: Library parameter -> the flag that sets it, where the two names differ beyond ``_`` -> ``-``.
-FLAGS = {"factory": "--model", "calib": "--calib DIR", "images": "--images DIR"}
+FLAGS = {"factory": "--model", "calib": "--calib DIR", "images": "--images DIR", "cpu_form": "--cpu"}
 
 
 def as_flags(text: str) -> str:

@@ -7,6 +7,7 @@ model says, so verification (and later calibration) sees what inference will see
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,23 +171,56 @@ def image_inputs(directory: str | Path, spec: Preprocessing, limit: int | None =
     return labelled_inputs(Path(directory), paths[:limit] if limit else paths, classes, spec)
 
 
+#: Without verification images of its own, at least this share of the calibration data is held out.
+HELD_OUT_SHARE = 0.2
+#: Fewer held-out samples than this give coarse figures (one sample moves agreement by over 2%).
+FEW_HELD_OUT = 50
+
+
+def split_counts(total: int, size: int, held_out_limit: int) -> tuple[int, int]:
+    """How many of ``total`` samples calibrate and how many are held out for verification.
+
+    With ``held_out_limit`` 0 (verification data given elsewhere) all may calibrate. Otherwise at least
+    ``HELD_OUT_SHARE`` of them (one at least) is held out, so verification never sees a calibration sample.
+    """
+    if not held_out_limit:
+        return min(size, total), 0
+    if total < 2:
+        raise DataError(f"{total} calibration sample: at least 2 are needed to hold one out for verification; "
+                        "pass `val`")
+    calibrate = min(size, total - max(1, math.ceil(total * HELD_OUT_SHARE)))
+    return calibrate, min(total - calibrate, held_out_limit)
+
+
+def held_out_description(count: int, what: str) -> str:
+    """``N held-out WHAT``, saying so when N is too few for precise figures."""
+    text = f"{count} held-out {what}"
+    return text + (f" (only {count}: pass `val` for precise figures)" if count < FEW_HELD_OUT else "")
+
+
 def calibration_split(
     directory: str | Path, spec: Preprocessing, size: int, seed: int = 0, held_out_limit: int = 500
 ) -> tuple[Inputs, Inputs | None]:
-    """Pick ``size`` images of ``directory`` for calibration (seeded) and hold the rest out for checks.
+    """Pick up to ``size`` images of ``directory`` for calibration (seeded) and hold others out for checks.
 
-    Only the chosen images are decoded: at most ``size`` for calibration and ``held_out_limit`` held
-    out. A folder with fewer images than ``size`` is used whole, with a warning.
+    Only the chosen images are decoded: the calibration images and up to ``held_out_limit`` held out
+    (``split_counts``). A folder too small for ``size`` plus the held-out share calibrates on fewer, with a warning.
     """
     root = Path(directory)
     paths, classes = find_images(root)
+    calibrate, held = split_counts(len(paths), size, held_out_limit)
     order = np.random.default_rng(seed).permutation(len(paths))
-    if len(paths) < size:
-        log.warning(f"{root} has {len(paths)} images, fewer than `calib_size` {size}: calibrating on all of them")
-    chosen = [paths[i] for i in sorted(order[:size])]
-    rest = [paths[i] for i in sorted(order[size:size + held_out_limit])]
+    if calibrate < size:
+        log.warning(f"{root} has {len(paths)} images, too few for `calib_size` {size}"
+                    + (f" and a held-out share: calibrating on {calibrate}, verifying on {held}" if held else
+                       f": calibrating on all of them"))
+    chosen = [paths[i] for i in sorted(order[:calibrate])]
+    rest = [paths[i] for i in sorted(order[calibrate:calibrate + held])]
     calib = labelled_inputs(root, chosen, classes, spec, "Decoding calibration images")
-    held_out = labelled_inputs(root, rest, classes, spec, "Decoding held-out images") if rest else None
+    held_out = None
+    if rest:
+        held_out = labelled_inputs(root, rest, classes, spec, "Decoding held-out images")
+        held_out.description = held_out_description(len(held_out.array), f"images from {root}")
     return calib, held_out
 
 
@@ -220,15 +254,21 @@ def verification_inputs(loaded: "LoadedModel", images: str | Path | None, count:
 
 def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int,
                      held_out: bool = True) -> tuple[Inputs, Inputs | None]:
-    """Calibration inputs and the held-out rest (when ``held_out``) from an image folder or a ``.npy``/``.npz``."""
+    """Calibration inputs and, when ``held_out``, the held-out rest, from an image folder or a ``.npy``/``.npz``.
+
+    With ``held_out`` the two never share a sample (``split_counts``).
+    """
     calib = Path(calib)
+    limit = 500 if held_out else 0
     if calib.is_file() and calib.suffix in (".npy", ".npz"):
         arrays = array_inputs(calib, spec)
-        if len(arrays.array) < size:
-            log.warning(f"{calib} has {len(arrays.array)} arrays, fewer than `calib_size` {size}: calibrating on all")
-        head, rest = arrays.array[:size], arrays.array[size:]
-        kept = Inputs(rest, None, f"{len(rest)} held-out arrays from {calib.name}") if len(rest) and held_out else None
+        calibrate, held = split_counts(len(arrays.array), size, limit)
+        if calibrate < size:
+            log.warning(f"{calib} has {len(arrays.array)} arrays, too few for `calib_size` {size}: "
+                        f"calibrating on {calibrate}" + (f", verifying on {held}" if held else ""))
+        head, rest = arrays.array[:calibrate], arrays.array[calibrate:calibrate + held]
+        kept = Inputs(rest, None, held_out_description(len(rest), f"arrays from {calib.name}")) if held else None
         return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept
     if not calib.is_dir():
         raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
-    return calibration_split(calib, spec, size, seed, held_out_limit=500 if held_out else 0)
+    return calibration_split(calib, spec, size, seed, held_out_limit=limit)

@@ -14,11 +14,15 @@ def describe(artifact: str | Path) -> dict:
     artifact = Path(artifact)
     if not artifact.is_file():
         raise OnnxError(f"{artifact} not found")
+    from .cpu import cpu_info
+
     sidecar = manifest_path(artifact)
     manifest = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    # The CPU that verified the artifact when it was made, and this one (INT8 on the CPU depends on both).
+    machines = {"verified_on": ((manifest or {}).get("verification") or {}).get("cpu"), "this_machine": cpu_info()}
     if artifact.suffix == ".onnx":
-        return {"artifact": str(artifact), **_describe_onnx(artifact), "manifest": manifest}
-    return {"artifact": str(artifact), "engine": _describe_engine(artifact), "manifest": manifest}
+        return {"artifact": str(artifact), **_describe_onnx(artifact), "cpu": machines, "manifest": manifest}
+    return {"artifact": str(artifact), "engine": _describe_engine(artifact), "cpu": machines, "manifest": manifest}
 
 
 def _describe_onnx(path: Path) -> dict:

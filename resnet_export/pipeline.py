@@ -8,6 +8,7 @@ against PyTorch (``verify_artifact``).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from .data import Inputs, calibration_data, image_inputs, random_inputs, verific
 from .errors import OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mode
-from .manifest import atomic_output, check_not_input, check_writable_dir, sha256_file, write_manifest
+from .cpu import CPU_FORMS, cpu_info, describe_cpu
+from .manifest import atomic_output, check_not_input, check_writable_dir, manifest_path, sha256_file, write_manifest
 from .models import LoadedModel, model_files
 from .onnx_graph import input_spec, load_onnx, onnx_preprocessing, qdq_summary, read_metadata
 from .precision import RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
@@ -193,9 +195,10 @@ class PrecisionRequest:
     ``precision`` is fp32 (no conversion: ``trt`` builds the FP32 ONNX), fp16 or int8. INT8 needs
     ``calib`` (an image folder, ``.npy`` or ``.npz``) and takes ``target``, ``method``,
     ``calib_size``; for the trt target ``rest`` is the precision of the non-quantized part (``auto``:
-    FP16, else FP32 with the same ranges). ``val`` holds verification images (default: calibration
-    images not used to calibrate). ``min_agreement`` / ``max_accuracy_drop`` tighten or loosen the
-    INT8 gate and start the sensitivity search when it is missed.
+    FP16, else FP32 with the same ranges); for the cpu target ``cpu_form`` the weight form (portable:
+    7-bit, exact on every CPU; vnni: 8-bit). ``val`` holds verification images (default: calibration
+    samples held out of calibration). ``min_agreement`` / ``min_cosine`` / ``max_accuracy_drop`` tighten
+    or loosen the INT8 gate and start the sensitivity search when it is missed.
     """
 
     precision: str = "fp32"
@@ -208,6 +211,8 @@ class PrecisionRequest:
     min_agreement: float | None = None
     max_accuracy_drop: float | None = None
     rest: str = "auto"
+    cpu_form: str = "portable"
+    min_cosine: float | None = None
 
     def __post_init__(self):
         if self.precision not in ("fp32", "fp16", "int8"):
@@ -220,6 +225,13 @@ class PrecisionRequest:
             raise PrecisionError(f"unknown rest precision '{self.rest}'; choose one of {', '.join(REST_CHOICES)}")
         if self.rest != "auto" and not self.trt_int8:
             raise PrecisionError("the rest precision is a setting of INT8 for the trt target only")
+        if self.cpu_form not in CPU_FORMS:
+            raise PrecisionError(f"unknown CPU weight form '{self.cpu_form}'; choose one of {', '.join(CPU_FORMS)}")
+        if self.cpu_form != "portable" and not (self.precision == "int8" and self.target == "cpu"):
+            raise PrecisionError("the CPU weight form (`cpu_form`) is a setting of INT8 for the cpu target only")
+        if self.custom_gate and self.precision != "int8":
+            raise PrecisionError("`min_agreement`, `min_cosine` and `max_accuracy_drop` set the INT8 gate; "
+                                 f"{self.precision.upper()} keeps its own")
         if self.calib_size < 1:
             raise PrecisionError(f"`calib_size` must be positive, got {self.calib_size}")
 
@@ -233,13 +245,16 @@ class PrecisionRequest:
         gate = GATES[self.precision]
         if self.min_agreement is not None:
             gate = replace(gate, min_top1_agreement=self.min_agreement)
+        if self.min_cosine is not None:
+            gate = replace(gate, min_cosine=self.min_cosine)
         if self.max_accuracy_drop is not None:
             gate = replace(gate, max_accuracy_drop=self.max_accuracy_drop)
         return gate
 
     @property
     def custom_gate(self) -> bool:
-        return self.min_agreement is not None or self.max_accuracy_drop is not None
+        """Whether the request sets an INT8 threshold of its own."""
+        return any(v is not None for v in (self.min_agreement, self.min_cosine, self.max_accuracy_drop))
 
 
 def precision_from_onnx(
@@ -266,14 +281,9 @@ def precision_from_onnx(
         raise PrecisionError("precision_from_onnx makes fp16 or int8; an FP32 ONNX comes from onnx_from_model")
     trt_int8 = request.trt_int8
     spec = onnx_preprocessing(source)
-    if precision == "int8":
-        calibration, held_out = calibration_data(calib, spec, calib_size, seed)
-        if val:
-            held_out = image_inputs(val, spec)
-        elif held_out is None:
-            log.warning("no images left for verification: verifying on the calibration images; pass `val`")
-            held_out = calibration
-        inputs = held_out
+    if precision == "int8":  # verification never sees a calibration sample
+        calibration, held_out = calibration_data(calib, spec, calib_size, seed, held_out=val is None)
+        inputs = image_inputs(val, spec) if val else held_out
     else:
         inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
     gate, custom_gate = request.gate(), request.custom_gate
@@ -294,11 +304,13 @@ def precision_from_onnx(
                 record = quantize_int8(source, path, calibration.array, target, method, exclude, rest_dtype,
                                        ranges=reuse, save_ranges=None if reuse else ranges)
             else:
-                record = quantize_int8(source, path, calibration.array, target, method, exclude)
+                record = quantize_int8(source, path, calibration.array, target, method, exclude,
+                                       cpu_form=request.cpu_form)
             label = f"{output.name}" + (f" (rest {rest_dtype.upper()})" if rest_dtype else "")
             with task(log, f"Verifying {label} on {inputs.description}"):
                 candidate = OrtRunner(path)
-                verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch)
+                exact = OrtRunner(path, exact=True) if precision == "int8" else None
+                verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch, exact=exact)
             if candidate.fp16_quantize_rewritten:
                 record.cpu_verification_note = (
                     f"{candidate.fp16_quantize_rewritten} float16 QuantizeLinear evaluated in float32 on ONNX "
@@ -348,7 +360,8 @@ def precision_from_onnx(
                 "random_weights": random_weights},
         settings={"target": target if precision == "int8" else None, "calib": str(calib) if calib else None,
                   "calib_size": calib_size, "seed": seed, "val": str(val) if val else None,
-                  "rest": rest if trt_int8 else None},
+                  "rest": rest if trt_int8 else None,
+                  "cpu_form": request.cpu_form if precision == "int8" and target == "cpu" else None},
         conversion=record.to_dict(),
         rest={"requested": rest, "chosen": chosen_rest, "attempts": [asdict(a) for a in attempts]} if trt_int8 else None,
         qdq=qdq_summary(output),
@@ -408,6 +421,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, *, images: str | 
     """Compare an ONNX file or a plan with the PyTorch model using its precision's gate.
 
     The precision comes from the artifact (ONNX metadata, plan manifest) unless ``precision`` is given.
+    An INT8 ONNX is also run exactly (graph optimizations off): its fused run on this CPU must match.
     """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):
@@ -415,16 +429,36 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, *, images: str | 
     if not artifact.is_file():
         raise OnnxError(f"{artifact} not found")
     precision = precision or artifact_precision(artifact)
+    recorded = recorded_verification(artifact)
+    if recorded and recorded.get("cpu") and _cpu_key(recorded["cpu"]) != _cpu_key(cpu_info()):
+        log.warning(f"{artifact.name} was verified on {describe_cpu(recorded['cpu'])} when made; "
+                    f"re-checking on this machine, {describe_cpu(cpu_info())}")
     candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
+    exact = OrtRunner(artifact, exact=True) if artifact.suffix == ".onnx" and precision == "int8" else None
     inputs = verification_inputs(loaded, images, seed=seed)
     sizes = None
     if isinstance(candidate, TrtRunner):  # every batch inside the engine's optimization profile
         sizes = batch_plan(len(inputs.array), None, candidate.profile_max_batch, candidate.profile_min_batch)
     with task(log, f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
         verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
-                              getattr(candidate, "fixed_batch", None), sizes)
+                              getattr(candidate, "fixed_batch", None), sizes, exact=exact)
     verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate")
     return precision, verification
+
+
+def _cpu_key(info: dict) -> tuple:
+    return info.get("model"), info.get("arch"), tuple(info.get("flags", ()))
+
+
+def recorded_verification(artifact: str | Path) -> dict | None:
+    """The verification the artifact's manifest recorded when it was made (metrics, gate, CPU), if any."""
+    path = manifest_path(artifact)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("verification")
+    except (OSError, ValueError):
+        return None
 
 
 def side_onnx_path(plan: Path, precision: str) -> Path:

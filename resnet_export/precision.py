@@ -7,7 +7,9 @@ TensorRT 11 has no precision flags or calibrators: the precision lives in the ON
   stays ModelOpt's), and every quantization saves its ranges so later attempts (the other rest
   precision, convs excluded) reuse them instead of calibrating again.
 - ``target="cpu"``: ONNX Runtime ``quantize_static``, QDQ, uint8 activations, int8 per-channel weights
-  (ONNX Runtime's fast x86 path), after ``quant_pre_process``.
+  (ONNX Runtime's fast x86 path), after ``quant_pre_process``. The ``portable`` form (default) keeps
+  the weights to 7 bits so ONNX Runtime's fused kernels are exact on every CPU; ``vnni`` uses all 8 bits,
+  exact only on CPUs with VNNI, AMX or ARM64 dot products (see cpu.py).
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .progress import task
-
-log = logging.getLogger(__name__)
+from .cpu import CPU_FORMS
 from .errors import OnnxError, ResnetExportError, first_line
 from .onnx_graph import input_dims, load_onnx, read_metadata, set_metadata
 from .manifest import atomic_output
+from .progress import task
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("trt", "cpu")
 #: Precision of the non-quantized part of a TensorRT-target INT8 model.
@@ -64,6 +67,9 @@ class Conversion:
     calibration_seconds: float | None = None
     keep_io_types: bool | None = None
     cpu_verification_note: str | None = None
+    #: cpu target: ``portable`` (7-bit weights) or ``vnni`` (8-bit); see cpu.py.
+    cpu_form: str | None = None
+    weight_bits: int | None = None
 
     def to_dict(self) -> dict:
         """The record as JSON, without the fields that do not apply."""
@@ -177,16 +183,20 @@ def quantize_int8(
     rest: str = "fp16",
     ranges: str | Path | None = None,
     save_ranges: str | Path | None = None,
+    cpu_form: str = "portable",
 ) -> Conversion:
     """Calibrate on ``calibration`` (preprocessed ``(N, C, H, W)``) and write an INT8 Q/DQ ONNX.
 
     ``exclude`` names Conv nodes kept in higher precision. For the trt target, ``rest`` is the
     precision of everything not quantized, ``ranges`` a calibration cache saved by an earlier call
     (its activation ranges are reused: no calibration pass over the data) and ``save_ranges`` where
-    to save this call's ranges. Returns the record of the conversion, also stored in the model's metadata.
+    to save this call's ranges. For the cpu target, ``cpu_form`` is the weight form (``CPU_FORMS``).
+    Returns the record of the conversion, also stored in the model's metadata.
     """
     source, output = Path(source), Path(output)
     method = check_method(target, method)
+    if cpu_form not in CPU_FORMS:
+        raise PrecisionError(f"unknown CPU weight form '{cpu_form}'; choose one of {', '.join(CPU_FORMS)}")
     if rest not in RESTS:
         raise PrecisionError(f"unknown rest precision '{rest}'; choose one of {', '.join(RESTS)}")
     if target == "cpu" and (ranges or save_ranges):
@@ -196,6 +206,8 @@ def quantize_int8(
     record = Conversion("int8", tool, target, method, int(len(calibration)), list(exclude))
     if target == "trt":
         record.rest, record.ranges_reused = rest, ranges is not None
+    else:
+        record.cpu_form, record.weight_bits = cpu_form, CPU_FORMS[cpu_form]
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         work = Path(work)
         model_copy = work / "model.onnx"  # ModelOpt rewrites its input in place
@@ -209,7 +221,8 @@ def quantize_int8(
         total = 1 if ranges else passes * -(-len(calibration) // CALIB_BATCH)
         what = "Quantizing INT8 with the saved ranges" if ranges else "Calibrating INT8"
         start = time.perf_counter()
-        _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude), rest, bool(ranges)),
+        _run_isolated(_quantize_worker, (str(work), name, target, method, list(exclude), rest, bool(ranges),
+                                               CPU_FORMS[cpu_form]),
                       f"{what} ({target}, {method})", total, f"INT8 quantization of {source} failed")
         record.calibration_seconds = round(time.perf_counter() - start, 1)
         log.info(f"{what} ({target}, {method}{f', rest {rest.upper()}' if target == 'trt' else ''}) "
@@ -256,7 +269,7 @@ def _run_isolated(worker, args: tuple, description: str, total: int, failure: st
 
 
 def _quantize_worker(work: str, name: str, target: str, method: str, exclude: list[str], rest: str,
-                     reuse_ranges: bool, messages) -> None:
+                     reuse_ranges: bool, weight_bits: int, messages) -> None:
     """Child-process body of quantize_int8: calibrate ``work/model.onnx`` into ``work/int8.onnx``."""
     work_path = Path(work)
     try:
@@ -266,7 +279,8 @@ def _quantize_worker(work: str, name: str, target: str, method: str, exclude: li
             if target == "trt":
                 _quantize_trt(work_path, reader, method, exclude, rest, reuse_ranges)
             else:
-                _quantize_cpu(work_path / "model.onnx", work_path / "int8.onnx", reader, method, exclude, work_path)
+                _quantize_cpu(work_path / "model.onnx", work_path / "int8.onnx", reader, method, exclude, work_path,
+                              weight_bits)
     except Exception as exc:  # reported to the parent as one line
         messages.put(("error", first_line(exc)))
     messages.put(("done", None))
@@ -337,7 +351,9 @@ def _write_percentile_cache(model: Path, reader: CalibrationReader, cache: Path,
     cache.write_text("\n".join(lines) + "\n")
 
 
-def _quantize_cpu(model: Path, output: Path, reader: CalibrationReader, method: str, exclude: list[str], work: Path):
+def _quantize_cpu(model: Path, output: Path, reader: CalibrationReader, method: str, exclude: list[str], work: Path,
+                  weight_bits: int) -> None:
+    """ONNX Runtime's static QDQ quantization; 7-bit weights (``reduce_range``: [-64, 64]) or 8-bit."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -347,6 +363,7 @@ def _quantize_cpu(model: Path, output: Path, reader: CalibrationReader, method: 
         str(prepared), str(output), reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
+        reduce_range=weight_bits == 7,  # weights only: activations keep all 8 bits
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

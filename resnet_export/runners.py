@@ -33,46 +33,75 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """An ONNX file (or serialized model bytes) on ONNX Runtime (CPU provider unless told otherwise)."""
+    """An ONNX file (or serialized model bytes) on ONNX Runtime (CPU provider unless told otherwise).
 
-    def __init__(self, path: str | Path | bytes, providers=("CPUExecutionProvider",), threads: int | None = None):
+    ``exact`` turns ONNX Runtime's graph optimizations off: no Q/DQ fusion into integer kernels, so the
+    session computes the Q/DQ arithmetic as the graph writes it (the reference for ``cpu.py``'s
+    saturation check). Outside TensorRT's provider, float16 QuantizeLinear nodes are evaluated in float32
+    so they round as the spec says (see ort_fixes).
+    """
+
+    def __init__(self, path: str | Path | bytes, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 exact: bool = False):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        self.options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        #: float16 QuantizeLinear nodes evaluated in float32 on the CPU (see ort_fixes); 0 for most models.
+            self.options.intra_op_num_threads = threads
+        if exact:
+            self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.options.log_severity_level = 3
+        self.providers = list(providers)
+        self.what = "the model" if isinstance(path, bytes) else path
+        #: float16 QuantizeLinear nodes evaluated in float32 (see ort_fixes); 0 for most models.
         self.fp16_quantize_rewritten = 0
-        try:
-            model = path if isinstance(path, bytes) else str(path)
-            if providers[0] == "CPUExecutionProvider":
-                model = self._cpu_exact(model)
-            self.session = ort.InferenceSession(model, options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own exception types per failure
-            what = "the model" if isinstance(path, bytes) else path
-            raise OnnxError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
-        used = self.session.get_providers()
-        if providers[0] not in used:  # ONNX Runtime falls back to the CPU with only a log line
-            raise OnnxError(f"ONNX Runtime could not use {providers[0]} (it fell back to {', '.join(used)}); "
-                            "check its CUDA/cuDNN/TensorRT libraries")
+        self.session = self._session(path if isinstance(path, bytes) else str(path))
+        if providers[0] != "TensorrtExecutionProvider" and self._may_hold_fp16_quantize():
+            self._round_fp16_quantize(path)
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]
         #: The batch size the model was exported for, or None for a dynamic batch axis.
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
         self.name = "ort" if isinstance(path, bytes) else f"ort:{Path(path).name}"
 
-    def _cpu_exact(self, model: str | bytes) -> str | bytes:
-        """``model`` as is, or rewritten so the CPU rounds float16 QuantizeLinear as the spec says."""
+    def _session(self, model: str | bytes):
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(model, self.options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise OnnxError(f"ONNX Runtime cannot load {self.what}: {first_line(exc)}") from exc
+        used = session.get_providers()
+        if self.providers[0] not in used:  # ONNX Runtime falls back to the CPU with only a log line
+            raise OnnxError(f"ONNX Runtime could not use {self.providers[0]} (it fell back to {', '.join(used)}); "
+                            "check its CUDA/cuDNN/TensorRT libraries")
+        return session
+
+    def _may_hold_fp16_quantize(self) -> bool:
+        """Whether the loaded model can hold float16 QuantizeLinear, read from the toolkit's metadata.
+
+        Only a TensorRT-target INT8 model with the rest in FP16 does; a model without the toolkit's
+        metadata (made elsewhere) is looked at node by node.
+        """
+        import json
+
+        from .onnx_graph import META_PREFIX
+
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if not any(key.startswith(META_PREFIX) for key in metadata):
+            return True
+        return json.loads(metadata.get(META_PREFIX + "precision", "{}")).get("rest") == "fp16"
+
+    def _round_fp16_quantize(self, path: str | Path | bytes) -> None:
+        """Reload the session from a rewrite whose float16 QuantizeLinear compute in float32, if it has any."""
         import onnx
 
-        from .ort_fixes import fp16_quantize_nodes, quantize_in_fp32
+        from .ort_fixes import quantize_in_fp32
 
-        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
-        if not fp16_quantize_nodes(proto):
-            return model
+        proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
         self.fp16_quantize_rewritten = quantize_in_fp32(proto)
-        return proto.SerializeToString()
+        if self.fp16_quantize_rewritten:
+            self.session = self._session(proto.SerializeToString())
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

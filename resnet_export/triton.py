@@ -308,15 +308,46 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
         (staging / str(request.version)).mkdir()
-        shutil.copyfile(artifact, staging / str(request.version) / f"model{'.onnx' if served.kind == 'onnx' else '.plan'}")
+        model_file = staging / str(request.version) / f"model{'.onnx' if served.kind == 'onnx' else '.plan'}"
+        rewritten = _write_as_spec_rounds(artifact, model_file) if served.kind == "onnx" else 0
+        if not rewritten:
+            shutil.copyfile(artifact, model_file)
         (staging / "config.pbtxt").write_text(text)
         if class_names:
             (staging / "labels.txt").write_text("\n".join(class_names) + "\n")
-        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names)))
+        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names), rewritten))
         _move_into_place(staging, model_dir, str(request.version))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return TritonResult(model_dir, text, max_batch, len(class_names or []))
+
+
+def _rewrite_note(rewritten: int) -> str:
+    if not rewritten:
+        return ""
+    return (f"\n- model.onnx is the artifact with its {rewritten} float16 QuantizeLinear computed in float32: plain "
+            "ONNX Runtime truncates them (onnxruntime#18576), TensorRT and the spec round half to even")
+
+
+def _write_as_spec_rounds(artifact: Path, destination: Path) -> int:
+    """Write ``artifact`` with its float16 QuantizeLinear computed in float32, if it has any; how many.
+
+    Triton's onnxruntime backend is plain ONNX Runtime, whose float16 QuantizeLinear truncates (see
+    ort_fixes): a TensorRT-target INT8 model with the rest in FP16 would compute another model there.
+    The rewrite (an exact cast and scale) makes it compute what TensorRT computes, on CPU and GPU alike.
+    """
+    import onnx
+
+    from .ort_fixes import fp16_quantize_nodes, quantize_in_fp32
+
+    model = onnx.load(str(artifact))
+    if not fp16_quantize_nodes(model):
+        return 0
+    rewritten = quantize_in_fp32(model)
+    onnx.save(model, str(destination))
+    log.info(f"{artifact.name}: {rewritten} float16 QuantizeLinear computed in float32 in the served model.onnx, "
+             "so ONNX Runtime rounds them as TensorRT does")
+    return rewritten
 
 
 def _move_into_place(staging: Path, model_dir: Path, version: str) -> None:
@@ -343,7 +374,7 @@ def _labels(path: Path) -> list[str]:
     return names
 
 
-def _readme(name: str, served: Served, max_batch: int, labels: bool) -> str:
+def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: int = 0) -> str:
     spec = served.preprocessing or {}
     size = spec.get("input_size", ["H", "W"])
     tensor_in, tensor_out = served.inputs[0], served.outputs[0]
@@ -360,7 +391,7 @@ what the model takes, preprocessed as below (also in `config.pbtxt` `parameters`
 - preprocessing: resize the shorter side to {spec.get('resize', '?')}, center-crop to {size[0]}x{size[1]},
   scale to [0, 1], subtract mean {spec.get('mean', '?')}, divide by std {spec.get('std', '?')},
   {spec.get('channels', '?')} channel(s), channels first
-- max_batch_size: {max_batch}
+- max_batch_size: {max_batch}{_rewrite_note(rewritten)}
 
 ```python
 import numpy as np

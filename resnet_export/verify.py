@@ -20,11 +20,17 @@ class Gate:
     max_accuracy_drop: float | None = None  # in points, only checked when labels exist
 
 
+#: INT8 also gates output fidelity: a saturated artifact keeps most top-1 decisions while its logits
+#: collapse (min cosine 0.24-0.62 measured); healthy INT8 artifacts of trained ResNets stay above 0.99
+#: (README, "INT8 on every CPU").
 GATES = {
     "fp32": Gate(min_top1_agreement=1.0, min_cosine=0.99999),
     "fp16": Gate(min_top1_agreement=0.99, min_cosine=0.999),
-    "int8": Gate(min_top1_agreement=0.97, max_accuracy_drop=1.0),
+    "int8": Gate(min_top1_agreement=0.97, min_cosine=0.95, max_accuracy_drop=1.0),
 }
+#: An INT8 graph as ONNX Runtime's fused kernels run it on this CPU, against the same graph run exactly
+#: (graph optimizations off). Healthy: min cosine >= 0.998 and equal top-1; saturated: 0.24-0.62.
+KERNEL_GATE = Gate(min_top1_agreement=0.99, min_cosine=0.99)
 
 
 @dataclass
@@ -36,6 +42,8 @@ class Verification:
     failures: list[str] = field(default_factory=list)
     inputs: str = ""
     batch_sizes: list[int] = field(default_factory=list)
+    #: The fused run against the exact run of the same graph on this CPU (INT8 on ONNX Runtime only).
+    kernels: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -48,6 +56,8 @@ class Verification:
 
     def to_dict(self) -> dict:
         """The verification as manifest JSON."""
+        from .cpu import cpu_info
+
         return {
             "passed": self.passed,
             "failures": self.failures,
@@ -55,6 +65,8 @@ class Verification:
             "inputs": self.inputs,
             "batch_sizes": self.batch_sizes,
             "metrics": self.metrics,
+            "kernels": self.kernels,
+            "cpu": cpu_info(),
         }
 
     def summary(self) -> str:
@@ -67,6 +79,8 @@ class Verification:
         )
         if "accuracy_candidate" in m:
             text += f", accuracy {m['accuracy_candidate']:.1%} (reference {m['accuracy_reference']:.1%})"
+        if self.kernels:
+            text += f"; fused vs exact Q/DQ on this CPU: min cosine {self.kernels['metrics']['min_cosine']:.5f}"
         return text
 
 
@@ -160,10 +174,13 @@ def verify(
     gate: Gate,
     fixed_batch: int | None = None,
     sizes: list[int] | None = None,
+    exact: Runner | None = None,
 ) -> Verification:
     """Run both runners on the same inputs, compute the metrics and check them against ``gate``.
 
-    ``sizes`` overrides the batch plan (e.g. batch 1 and an engine's profile maximum).
+    ``sizes`` overrides the batch plan (e.g. batch 1 and an engine's profile maximum). ``exact`` is
+    the candidate's graph run as written (``OrtRunner(path, exact=True)``): the candidate must also
+    match it (``KERNEL_GATE``), else its fused INT8 kernels do not compute the graph on this CPU.
     """
     sizes = sizes or batch_plan(len(inputs.array), fixed_batch)
     ref = run_batches(reference, inputs.array, sizes)
@@ -173,4 +190,23 @@ def verify(
     described = inputs.description
     if len(ref) < len(inputs.array):  # say what was compared, not what was loaded
         described = f"the first {len(ref)} of {described}"
-    return Verification(metrics, gate, gate_failures(metrics, gate), described, sizes)
+    failures = gate_failures(metrics, gate)
+    kernels = None
+    if exact is not None:
+        kernel_metrics = compare(run_batches(exact, inputs.array, sizes), cand)
+        kernel_failures = gate_failures(kernel_metrics, KERNEL_GATE)
+        kernels = {"passed": not kernel_failures, "gate": KERNEL_GATE.__dict__, "metrics": kernel_metrics}
+        if kernel_failures:
+            failures.append(kernel_gap_message(kernel_failures))
+    return Verification(metrics, gate, failures, described, sizes, kernels)
+
+
+def kernel_gap_message(failures: list[str]) -> str:
+    """The failure phrase for fused INT8 kernels that differ from the exact run, naming this CPU."""
+    from .cpu import cpu_info, describe_cpu, exact_u8s8
+
+    info = cpu_info()
+    cause = ("saturation: no VNNI, u8s8 pairs add in 16 bits; quantize with `cpu_form` portable (7-bit weights)"
+             if not exact_u8s8(info) else "its integer kernels do not compute the Q/DQ graph as written")
+    return (f"ONNX Runtime's fused INT8 run differs from the exact run of the same graph on {describe_cpu(info)} "
+            f"({'; '.join(failures)}): {cause}")

@@ -162,3 +162,30 @@ def test_method_names_depend_on_target():
     assert check_method("trt", None) == "entropy" and check_method("cpu", None) == "minmax"
     with pytest.raises(PrecisionError, match="not available for `target` trt"):
         check_method("trt", "minmax")
+
+
+@pytest.mark.slow
+def test_trt_target_served_by_plain_onnx_runtime_computes_what_tensorrt_computes(digits, int8_trt, tmp_path):
+    """Triton's onnxruntime backend is a plain ONNX Runtime session: the repository's model must round its
+    float16 QuantizeLinear as the spec and TensorRT do, not truncate them as ONNX Runtime's CPU kernel does."""
+    import onnxruntime as ort
+
+    from resnet_export.data import image_inputs
+    from resnet_export.ort_fixes import fp16_quantize_nodes
+    from resnet_export.runners import OrtRunner
+    from resnet_export.triton import TritonRequest, triton_entry
+
+    assert int8_trt.record.rest == "fp16" and fp16_quantize_nodes(onnx.load(str(int8_trt.path)))
+    entry = triton_entry(int8_trt.path, tmp_path / "repo", TritonRequest(kind="cpu"))
+    served = entry.model_dir / "1" / "model.onnx"
+    assert not fp16_quantize_nodes(onnx.load(str(served)))
+    assert "computed in float32" in (entry.model_dir / "README.md").read_text()
+    x = image_inputs(digits.val, digits.model.preprocessing, limit=64).array
+
+    def plain(path):  # what Triton's backend runs: no rewrite of the toolkit's
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+    as_tensorrt = OrtRunner(int8_trt.path).infer(x)  # spec rounding (ort_fixes)
+    np.testing.assert_allclose(plain(served), as_tensorrt, rtol=0, atol=1e-5)
+    assert np.abs(plain(int8_trt.path) - as_tensorrt).max() > 1e-2  # the raw artifact would compute another model

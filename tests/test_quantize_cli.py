@@ -1,6 +1,7 @@
 """`quantize` and `trt` on the command line: results, bad input, TensorRT missing."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -22,8 +23,8 @@ def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu",
                  "--calib-size", "4", "-o", out)
     assert result.exit_code == 0, result.output
-    assert "INT8 (cpu, minmax, 4 calibration samples)" in result.stdout
-    assert "vs 2 images" in result.stdout  # the two images not used for calibration
+    assert "INT8 (cpu, minmax, 4 calibration samples, 7-bit weights (portable))" in result.stdout
+    assert "vs 2 held-out images" in result.stdout and "(only 2: pass --val" in result.stdout
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
     assert manifest["qdq"]["quantized_convs"] == 20 and manifest["settings"]["target"] == "cpu"
     inputs = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
@@ -61,8 +62,10 @@ def test_images_are_converted_to_the_model_channels():
 def test_fewer_images_than_calib_size_warns(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu", "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
-    assert "fewer than --calib-size 512: calibrating on all" in result.stderr
-    assert "verifying on the calibration images" in result.stderr
+    assert "too few for --calib-size 512 and a held-out share: calibrating on 4, verifying on 2" in result.stderr
+    manifest = json.loads((tmp_path / "q.onnx.json").read_text())
+    assert manifest["conversion"]["calibration_samples"] == 4
+    assert manifest["verification"]["inputs"].startswith("2 held-out images") and "only 2" in manifest["verification"]["inputs"]
 
 
 @pytest.mark.slow
@@ -73,7 +76,8 @@ def test_corrupt_images_are_skipped_and_counted(resnet18_onnx, tmp_path):
     (calib / "cup" / "empty.png").write_bytes(b"")
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", calib, "--target", "cpu", "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
-    assert "skipped 2 unreadable images of 8" in result.stderr
+    skipped = [int(n) for n in re.findall(r"skipped (\d+) unreadable images of \d+", result.stderr)]
+    assert sum(skipped) == 2  # over the calibration and the held-out decodes
 
 
 @pytest.mark.parametrize("content", ["none", "not_images", "corrupt"])
@@ -88,7 +92,7 @@ def test_unusable_calibration_folders(resnet18_onnx, tmp_path, content):
         else:
             for i in range(3):
                 (calib / f"{i}.jpg").write_bytes(b"garbage")
-            expected = "no readable image among 3 files: 3 skipped, cannot be decoded"
+            expected = "no readable image among 2 files: 2 skipped, cannot be decoded"  # 1 held out
     out = tmp_path / "q.onnx"
     assert_one_line_error(run("quantize", resnet18_onnx.path, "--int8", "--calib", calib, "-o", out), expected)
     assert not out.exists()
@@ -189,7 +193,7 @@ def test_quantize_seed_gates_and_npz_reach_the_manifest(resnet18_onnx, tmp_path)
     npz = run("quantize", resnet18_onnx.path, "--int8", "--calib", tmp_path / "calib.npz", "--calib-size", "8",
               "--target", "cpu", "--calib-method", "percentile", "--min-agreement", "0", "-o", tmp_path / "npz.onnx")
     assert npz.exit_code == 0, npz.output
-    assert "INT8 (cpu, percentile, 8 calibration samples)" in npz.stdout and "vs 4 held-out arrays" in npz.stdout
+    assert "INT8 (cpu, percentile, 8 calibration samples, 7-bit" in npz.stdout and "vs 4 held-out arrays" in npz.stdout
 
 
 @pytest.mark.slow
@@ -197,7 +201,7 @@ def test_cpu_entropy_calibration(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--calib-size", "4", "--target", "cpu",
                  "--calib-method", "entropy", "-o", tmp_path / "e.onnx")
     assert result.exit_code == 0, result.output
-    assert "INT8 (cpu, entropy, 4 calibration samples)" in result.stdout
+    assert "INT8 (cpu, entropy, 4 calibration samples, 7-bit" in result.stdout
 
 
 @pytest.mark.slow

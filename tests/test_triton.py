@@ -67,7 +67,8 @@ def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
     from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
 
     request = PrecisionRequest(precision, calib=IMAGES if precision == "int8" else None,
-                               target="cpu" if precision == "int8" else "trt", min_agreement=0.0)
+                               target="cpu" if precision == "int8" else "trt",
+                               min_agreement=0.0 if precision == "int8" else None)
     made = precision_from_onnx(resnet18_onnx.path, tmp_path / f"r18-{precision}.onnx", request)
     result = run("triton", made.path, "--repo", tmp_path / "repo", "--ort-trt", "--preferred-batch", "4,8")
     assert result.exit_code == 0, result.output

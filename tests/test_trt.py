@@ -118,6 +118,9 @@ def test_inspect_onnx(resnet18_onnx):
     info = json.loads(result.stdout)
     assert info["counts"]["batchnorms"] == 0 and info["inputs"][0]["shape"] == ["batch", 3, 64, 64]
     assert info["manifest"]["verification"]["passed"]
+    from resnet_export.cpu import cpu_info
+
+    assert info["cpu"]["verified_on"] == info["cpu"]["this_machine"] == cpu_info()  # JSON of what was read
 
 
 # --------------------------------------------------------------------------- real TensorRT

@@ -1,0 +1,266 @@
+"""INT8 that holds on the CPU that runs it: weight forms, the fused-vs-exact check, the fidelity gate,
+calibration samples kept out of verification, and the CPU recorded in the manifest."""
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from resnet_export.cpu import INT8_FLAGS, cpu_info, describe_cpu, exact_u8s8, saturation_risk
+from resnet_export.data import Inputs, calibration_data, image_inputs, split_counts
+from resnet_export.errors import EXIT_GATE_FAILED, GateFailed
+from resnet_export.models import default_preprocessing
+from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+from resnet_export.precision import PrecisionError
+from resnet_export.runners import OrtRunner, TorchRunner
+from resnet_export.verify import GATES, KERNEL_GATE, verify
+
+from .conftest import IMAGES
+from .test_cli import run
+
+CALIB = 256
+AVX2_ONLY = {"model": "AMD EPYC 7B12", "arch": "x86_64", "flags": ["avx2"]}
+VNNI = {"model": "Intel Xeon Platinum 8380", "arch": "x86_64", "flags": ["avx2", "avx512f", "avx512_vnni"]}
+
+
+def weight_values(path) -> np.ndarray:
+    """Every int8 weight of an ONNX Runtime QDQ model (the quantized initializers feeding Conv/Gemm DQs)."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = [numpy_helper.to_array(inits[n.input[0]]).ravel() for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].data_type == TensorProto.INT8]
+    return np.concatenate(weights)
+
+
+# --------------------------------------------------------------------------- machine facts, pure logic
+
+
+def test_cpu_info_reads_this_machine():
+    info = cpu_info()
+    assert info["arch"] and info["cores"] >= 1
+    assert set(info["flags"]) <= set(INT8_FLAGS)
+    assert describe_cpu(info).endswith(")")
+
+
+def test_u8s8_exactness_follows_the_isa():
+    assert not exact_u8s8(AVX2_ONLY) and "saturate" in saturation_risk(AVX2_ONLY)
+    assert exact_u8s8(VNNI) and saturation_risk(VNNI) is None
+    assert exact_u8s8({"arch": "x86_64", "flags": ["avx2", "avx_vnni"]})  # Alder Lake and later clients
+    assert exact_u8s8({"arch": "aarch64", "flags": []})
+    assert describe_cpu(AVX2_ONLY) == "AMD EPYC 7B12 (x86_64: avx2)"
+
+
+def test_cpu_form_is_validated():
+    with pytest.raises(PrecisionError, match="unknown CPU weight form 'avx'"):
+        PrecisionRequest("int8", IMAGES, "cpu", cpu_form="avx")
+    with pytest.raises(PrecisionError, match="for the cpu target only"):
+        PrecisionRequest("int8", IMAGES, "trt", cpu_form="vnni")
+    with pytest.raises(PrecisionError, match="set the INT8 gate; FP16 keeps its own"):
+        PrecisionRequest("fp16", min_agreement=0.5)
+
+
+# --------------------------------------------------------------------------- calibration never verifies
+
+
+def test_split_always_holds_samples_out():
+    assert split_counts(1000, 512, 500) == (512, 488)
+    assert split_counts(600, 512, 500) == (480, 120)  # a fifth held out at least
+    assert split_counts(6, 512, 500) == (4, 2)
+    assert split_counts(2, 512, 500) == (1, 1)
+    assert split_counts(6, 512, 0) == (6, 0)  # verification data given elsewhere: all may calibrate
+    with pytest.raises(Exception, match="at least 2 are needed"):
+        split_counts(1, 512, 500)
+
+
+@pytest.mark.parametrize("kind", ["images", "npy"])
+def test_calibration_and_verification_share_no_sample(tmp_path, kind):
+    spec = default_preprocessing(3, (32, 32))
+    source = IMAGES
+    if kind == "npy":
+        source = tmp_path / "arrays.npy"
+        np.save(source, np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32))
+    calibration, held_out = calibration_data(source, spec, 512, seed=0)
+    assert len(calibration.array) and len(held_out.array)
+    assert "only" in held_out.description and "pass `val`" in held_out.description  # too few: it says so
+    for row in held_out.array:
+        assert not any(np.array_equal(row, c) for c in calibration.array)
+
+
+# --------------------------------------------------------------------------- fused vs exact
+
+
+def overflow_artifact(path, channels: int = 8192, kernel: int = 3) -> None:
+    """A two-class Q/DQ conv whose int32 accumulator overflows in ONNX Runtime's fused kernel on any CPU.
+
+    uint8 input at 255 times int8 weights at +-127 over 8192 x 3 x 3 terms sums to 2.4e9 > 2**31: the
+    fused QLinearConv wraps around while the exact run (Dequantize, float Conv, Quantize) does not. It
+    stands in for saturation where no CPU without VNNI is at hand.
+    """
+    w = np.full((2, channels, kernel, kernel), 127, np.int8)
+    w[1] = -127
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(2, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(1 / 255, np.float32), "x_s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
+             numpy_helper.from_array(np.array(2000.0, np.float32), "y_s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "y_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "y_s", "y_zp"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_zp"], ["yd"]),
+             helper.make_node("Flatten", ["yd"], ["logits"])]
+    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 ["N", channels, kernel, kernel])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+
+
+def test_a_fused_run_that_differs_from_the_exact_run_fails_by_name(tmp_path):
+    path = tmp_path / "overflow.onnx"
+    overflow_artifact(path)
+    array = np.random.default_rng(0).uniform(0.5, 1.0, (4, 8192, 3, 3)).astype(np.float32)
+    array[0] = 1.0  # the sample that overflows
+    inputs = Inputs(array, None, "4 inputs")
+    exact, fused = OrtRunner(path, exact=True), OrtRunner(path)
+    healthy = verify(exact, exact, inputs, GATES["int8"], exact=OrtRunner(path, exact=True))
+    assert healthy.passed and healthy.kernels["passed"]
+    result = verify(exact, fused, inputs, GATES["int8"], exact=exact)
+    assert not result.kernels["passed"] and result.kernels["metrics"]["min_cosine"] < 0
+    assert any("differs from the exact run of the same graph on " + describe_cpu(cpu_info()) in f
+               for f in result.failures)
+    assert any("min cosine" in f for f in result.failures)  # the fidelity gate sees it against the reference too
+
+
+# --------------------------------------------------------------------------- trained models, both forms
+
+
+def both_forms(trained) -> dict:
+    """The cpu-target INT8 of a trained model in both weight forms, verified against PyTorch."""
+    out = {}
+    for form in ("portable", "vnni"):
+        request = PrecisionRequest("int8", trained.train, "cpu", calib_size=CALIB, val=trained.val, cpu_form=form)
+        path = trained.root / f"int8_cpu_{form}.onnx"
+        try:
+            out[form] = precision_from_onnx(trained.fp32, path, request, reference=TorchRunner(trained.model.module))
+        except GateFailed as exc:  # the vnni form on a CPU without VNNI: checked below
+            out[form] = exc
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_forms(digits):
+    return both_forms(digits)
+
+
+@pytest.fixture(scope="module")
+def digits_r18_forms(digits_r18):
+    return both_forms(digits_r18)
+
+
+@pytest.fixture(scope="module", params=["digits", "digits_r18"])
+def forms(request):
+    """Both forms of each trained model."""
+    return request.getfixturevalue(f"{request.param}_forms")
+
+
+@pytest.mark.slow
+def test_portable_form_is_exact_and_keeps_accuracy_on_every_cpu(forms):
+    result = forms["portable"]
+    metrics = result.verification.metrics
+    assert metrics["accuracy_reference"] - metrics["accuracy_candidate"] <= 0.01
+    assert metrics["min_cosine"] >= GATES["int8"].min_cosine
+    values = weight_values(result.path)
+    assert values.min() >= -64 and values.max() <= 64  # 7 bits: u8 x s8 pairs fit in 16 bits
+    assert result.record.weight_bits == 7 and result.record.cpu_form == "portable"
+    manifest = json.loads(result.path.with_name(result.path.name + ".json").read_text())
+    kernels = manifest["verification"]["kernels"]
+    assert kernels["passed"] and kernels["metrics"]["min_cosine"] >= 0.99 and kernels["metrics"]["top1_agreement"] == 1
+    assert manifest["verification"]["cpu"] == cpu_info() and manifest["settings"]["cpu_form"] == "portable"
+    assert manifest["conversion"]["weight_bits"] == 7
+
+
+@pytest.mark.slow
+def test_vnni_form_is_exact_only_where_products_add_in_32_bits(forms):
+    result = forms["vnni"]
+    if exact_u8s8(cpu_info()):
+        values = weight_values(result.path)
+        assert values.max() > 64 or values.min() < -64  # full 8-bit weights
+        assert result.verification.kernels["passed"] and result.record.weight_bits == 8
+    else:  # an AVX2-only CPU: the saturation is caught and named
+        assert "saturation: no VNNI" in str(result)
+
+
+@pytest.mark.slow
+def test_a_low_fidelity_artifact_fails_verify_with_exit_3(digits, tmp_path):
+    """The saturated artifacts measured kept top-1 on most images while the logits collapsed (min cosine
+    0.24-0.62). Shifting every logit of a healthy INT8 artifact by one constant keeps every top-k decision
+    and collapses the cosine the same way: the INT8 gate must fail it."""
+    request = PrecisionRequest("int8", digits.train, "cpu", calib_size=CALIB, val=digits.val)
+    healthy = precision_from_onnx(digits.fp32, tmp_path / "int8.onnx", request,
+                                  reference=TorchRunner(digits.model.module))
+    model = onnx.load(str(healthy.path))
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_unshifted" if o == output else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(40.0, np.float32), "shift"))
+    model.graph.node.append(helper.make_node("Add", [f"{output}_unshifted", "shift"], [output]))
+    doctored = tmp_path / "shifted.onnx"
+    onnx.save(model, str(doctored))
+    model_options = ["--model", str(digits.model.source["factory"]), "--weights", str(digits.checkpoint),
+                     "--input-size", "32"]
+    result = run("verify", doctored, *model_options, "--images", digits.val, "--precision", "int8")
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    assert "min cosine" in result.stderr and "top-1 agreement" not in result.stderr.split("gate:")[1]
+    good = run("verify", healthy.path, *model_options, "--images", digits.val)
+    assert good.exit_code == 0, good.output
+    assert "fused vs exact Q/DQ on this CPU" in good.stdout and "when made (" in good.stdout
+
+
+QEMU = shutil.which("qemu-x86_64")
+ON_AVX2 = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+
+def run(path, level):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: np.load(sys.argv[1])})[0].astype(np.float64)
+
+cosines = {}
+for path in sys.argv[2:]:
+    fused, exact = run(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), run(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    cos = (fused * exact).sum(1) / np.linalg.norm(fused, axis=1) / np.linalg.norm(exact, axis=1)
+    cosines[path] = float(cos.min())
+print(json.dumps(cosines))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or QEMU is None,
+                    reason="needs qemu-x86_64 (apt-get install qemu-user) to emulate an AVX2-only CPU (Haswell)")
+def test_on_an_avx2_only_cpu_portable_is_exact_and_vnni_saturates(digits, digits_forms, tmp_path):
+    """ONNX Runtime's real AVX2 kernels, under QEMU emulating a Haswell (AVX2, no VNNI): about a minute."""
+    if isinstance(digits_forms["vnni"], Exception):  # this CPU has no VNNI itself: the form failed its gate here
+        pytest.skip("this CPU saturates natively: the vnni form was refused here (see the test above)")
+    inputs = tmp_path / "val.npy"
+    np.save(inputs, image_inputs(digits.val, digits.model.preprocessing, limit=32).array)
+    paths = [str(digits_forms[form].path) for form in ("portable", "vnni")]
+    script = tmp_path / "on_avx2.py"
+    script.write_text(ON_AVX2)
+    done = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(script), str(inputs), *paths],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cosines = json.loads(done.stdout.strip().splitlines()[-1])
+    assert cosines[paths[0]] >= KERNEL_GATE.min_cosine  # 7-bit weights: the AVX2 kernels compute the graph
+    assert cosines[paths[1]] < KERNEL_GATE.min_cosine  # 8-bit weights: they saturate (0.64 measured)
