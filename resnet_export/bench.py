@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +64,7 @@ class Row:
     speedup_vs_torch: float | None = None
     top1_agreement: float | None = None
     max_abs_err: float | None = None
+    threads: int | str | None = None  # what the runner's library reports it runs with
 
 
 def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -95,27 +95,31 @@ def latency_stats(seconds: list[float], batch: int) -> tuple[dict, float]:
     return stats, batch / (stats["mean"] / 1e3)
 
 
-def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[Callable], float] | None = None) -> list[float]:
-    """Warm up, then time ``call`` per iteration (``clock`` times one call; wall clock by default)."""
-    clock = clock or _wall_clock
+def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[Callable], float] | None = None,
+               now: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Warm up, then time ``call`` per iteration (``clock`` times one call; ``now``'s wall clock by default).
+
+    ``now`` also bounds the loop to ``settings.min_time`` (at least 3 runs) unless ``settings.iters`` is set.
+    """
+    clock = clock or functools.partial(_wall_clock, now=now)
     for _ in range(settings.warmup):
         call()
     timings: list[float] = []
-    start = time.perf_counter()
+    start = now()
     while True:
         timings.append(clock(call))
         if settings.iters is not None:
             if len(timings) >= settings.iters:
                 break
-        elif time.perf_counter() - start >= settings.min_time and len(timings) >= 3:
+        elif now() - start >= settings.min_time and len(timings) >= 3:
             break
     return timings
 
 
-def _wall_clock(call: Callable) -> float:
-    start = time.perf_counter()
+def _wall_clock(call: Callable, now: Callable[[], float] = time.perf_counter) -> float:
+    start = now()
     call()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def cuda_event_clock(call: Callable, stream=None) -> float:
@@ -136,19 +140,17 @@ def cuda_event_clock(call: Callable, stream=None) -> float:
 
 
 def environment(threads: int | None) -> dict:
-    """CPU, cores, GPU, threads and library versions of this run."""
+    """CPU (model, cores, INT8-relevant flags), GPU, requested threads and library versions of this run."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from .cpu import cpu_info
+
+    info = cpu_info()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": threads or torch.get_num_threads(),
+        "cpu": info["model"] or info["arch"],
+        "cores": info["cores"],
+        "cpu_flags": info["flags"],
+        "threads_requested": threads,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": library_versions("torch", "onnxruntime-gpu", "onnxruntime", "tensorrt", "openvino", "nvidia-modelopt"),
     }
@@ -220,21 +222,32 @@ class Artifacts:
         self.calib_key = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()[:8]
 
     def onnx(self, precision: str, target: str) -> Path:
-        """The ONNX for ``precision``; INT8 for ``target`` (cpu or trt), FP16/INT8 from the FP32 file."""
-        from .pipeline import onnx_from_model
-        from .precision import quantize_int8, to_fp16
+        """The ONNX for ``precision``; INT8 for ``target`` (cpu or trt), FP16/INT8 from the FP32 file.
+
+        Each is made by the pipeline function its command uses, so it is verified and has a manifest;
+        one is reused only when its manifest says it passed its gate. With random weights the INT8
+        gate does not read top-1 agreement or accuracy (meaningless there); fidelity and the
+        fused-vs-exact check still apply.
+        """
+        from .pipeline import PrecisionRequest, onnx_from_model, precision_from_onnx
+        from .runners import TorchRunner
 
         fp32 = self.folder / "fp32.onnx"
-        if not fp32.is_file():
+        if not _passed(fp32):
             onnx_from_model(self.loaded, fp32, seed=self.seed)
         if precision == "fp32":
             return fp32
         path = self.folder / (f"int8-{target}-{self.calib_key}.onnx" if precision == "int8" else "fp16.onnx")
-        if not path.is_file():
-            if precision == "fp16":
-                to_fp16(fp32, path)
-            else:
-                quantize_int8(fp32, path, self.calibration, target)
+        if not _passed(path):
+            calib = None
+            if precision == "int8":
+                calib = self.folder / f"calibration-{self.calib_key}.npy"
+                np.save(calib, self.calibration)
+            random_weights = precision == "int8" and self.loaded.source.get("weights") is None
+            request = PrecisionRequest(precision, calib, target, calib_size=len(self.calibration), seed=self.seed,
+                                       min_agreement=0.0 if random_weights else None,
+                                       max_accuracy_drop=100.0 if random_weights else None)
+            precision_from_onnx(fp32, path, request, reference=TorchRunner(self.loaded.module))
         return path
 
     def engine(self, precision: str, max_batch: int) -> Path:
@@ -248,6 +261,13 @@ class Artifacts:
             engine_from_onnx(self.onnx(precision, "trt"), plan, profile=BatchProfile(1, max_batch, max_batch),
                              options=BuildOptions(timing_cache=str(self.folder / "timing.cache")))
         return plan
+
+
+def _passed(artifact: Path) -> bool:
+    """Whether ``artifact`` exists and its manifest records a passed verification."""
+    from .pipeline import recorded_verification
+
+    return artifact.is_file() and bool((recorded_verification(artifact) or {}).get("passed"))
 
 
 def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings) -> list[tuple[str, object, Callable | None]]:
@@ -360,7 +380,7 @@ def run_matrix(
 def measure(backend: str, precision: str, batch: int, label: str, runner, clock, x: np.ndarray,
             expected: np.ndarray, settings: Settings) -> Row:
     """One row: agreement with ``expected`` on ``x``, then the timings; a failure becomes an error row."""
-    row = Row(backend, precision, batch, timing=label)
+    row = Row(backend, precision, batch, timing=label, threads=getattr(runner, "threads", None))
     try:
         metrics = compare(expected, runner.infer(x))
         row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
@@ -437,20 +457,22 @@ def markdown_report(rows: list[Row], env: dict, model: str) -> str:
     lines = [
         f"# Benchmark: {model}",
         "",
-        f"CPU: {env['cpu']} ({env['cores']} cores), threads: {env['threads']}, GPU: {env['gpu'] or 'none'}",
+        f"CPU: {env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_flags']) or 'no AVX2'}), threads requested: {env['threads_requested'] or 'library defaults'}, "
+        f"GPU: {env['gpu'] or 'none'}",
         f"Versions: {versions}",
         "",
-        "| backend | precision | batch | timing | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs torch fp32 | top-1 agree | max abs err |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | precision | batch | timing | threads | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs torch fp32 | top-1 agree | max abs err |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} | | | | | | | | |")
+            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} | | | | | | | | | |")
             continue
         lat = r.latency_ms
         speedup = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else ""
         lines.append(
-            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {r.threads if r.threads is not None else ''} | "
+            f"{lat['p50']:.2f} | {lat['p90']:.2f} | "
             f"{lat['p99']:.2f} | {lat['mean']:.2f} | {r.throughput:.1f} | {speedup} | {r.top1_agreement:.1%} | "
             f"{r.max_abs_err:.3g} |"
         )

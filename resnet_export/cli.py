@@ -230,7 +230,8 @@ def _precision_line(result) -> str:
         form = f", {record.weight_bits}-bit weights ({record.cpu_form})" if record.cpu_form else ""
         what += (f" ({record.target}, {record.calibration_method}, {record.calibration_samples} "
                  f"calibration samples{rest}{form})")
-    line = f"{what}; vs {v.inputs}: {v.summary()}"
+    against = "PyTorch" if result.reference == "torch" else f"the FP32 ONNX {result.reference.removeprefix('ort:')}"
+    line = f"{what}; vs {against} on {v.inputs}: {v.summary()}"
     rest_attempts = [a for a in result.attempts if not a.excluded]
     if len(rest_attempts) > 1:
         first = rest_attempts[0]

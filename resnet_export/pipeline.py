@@ -159,13 +159,17 @@ def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: 
 
 @dataclass
 class Attempt:
-    """One verified conversion: the rest precision (trt INT8), the convs kept out, and how it did."""
+    """One verified conversion: the rest precision (trt INT8), the convs kept out, and how it did.
+
+    ``ranges_reused``: it quantized with an earlier attempt's activation ranges (no calibration pass).
+    """
 
     rest: str | None
     excluded: list[str]
     passed: bool
     failures: list[str]
     metrics: dict
+    ranges_reused: bool = False
 
 
 @dataclass
@@ -183,6 +187,7 @@ class PrecisionResult:
     before: dict | None = None
     attempts: list[Attempt] = field(default_factory=list)
     random_weights: bool = False
+    reference: str = ""  # what it was verified against: "torch" or "ort:NAME.onnx"
 
 
 REST_CHOICES = ("auto", *RESTS)
@@ -263,6 +268,7 @@ def precision_from_onnx(
     request: PrecisionRequest,
     *,
     reference: Runner | None = None,
+    source_name: str | None = None,
 ) -> PrecisionResult:
     """Make the FP16 or INT8 ONNX of ``source`` as ``request`` says, verify it and write its manifest.
 
@@ -270,7 +276,8 @@ def precision_from_onnx(
     Runtime. An INT8 model for the trt target tries the rest precisions ``request.rest`` allows; with
     ``min_agreement`` or ``max_accuracy_drop`` one that still misses its gate gets its most sensitive
     convolutions kept in higher precision until it passes. Raises GateFailed (artifact and manifest
-    kept) when the gate is still missed.
+    kept) when the gate is still missed. ``source_name`` is what the manifest records as the source
+    ONNX when ``source`` is a temporary file (``trt`` from a model).
     """
     precision, calib, target, method = request.precision, request.calib, request.target, request.method
     calib_size, seed, val, rest = request.calib_size, request.seed, request.val, request.rest
@@ -316,7 +323,7 @@ def precision_from_onnx(
                     f"{candidate.fp16_quantize_rewritten} float16 QuantizeLinear evaluated in float32 on ONNX "
                     "Runtime's CPU provider, which truncates them (onnxruntime#18576)")
             attempts.append(Attempt(rest_dtype, list(exclude), verification.passed, verification.failures,
-                                    verification.metrics))
+                                    verification.metrics, record.ranges_reused))
             return path, record, verification
 
         rests = ([None] if not trt_int8 else ["fp16", "fp32"] if rest == "auto" else [rest])
@@ -356,7 +363,7 @@ def precision_from_onnx(
         output,
         stage="quantize",
         precision=precision,
-        source={"onnx": str(source), "sha256": sha256_file(source), "reference": reference.name,
+        source={"onnx": source_name or str(source), "sha256": sha256_file(source), "reference": reference.name,
                 "random_weights": random_weights},
         settings={"target": target if precision == "int8" else None, "calib": str(calib) if calib else None,
                   "calib_size": calib_size, "seed": seed, "val": str(val) if val else None,
@@ -370,7 +377,7 @@ def precision_from_onnx(
         verification=verification.to_dict(),
     )
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (artifact kept)")
-    return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights)
+    return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights, reference.name)
 
 
 # --------------------------------------------------------------------------- engines and verification
@@ -513,7 +520,9 @@ def trt_from_source(
             fp32 = side_onnx if precision == "fp32" else Path(work) / "fp32.onnx"
             fp32_result = onnx_from_model(loaded, fp32, images=val, seed=seed)
         if precision != "fp32":
-            precision_result = precision_from_onnx(fp32, side_onnx, request, reference=reference)
+            temporary = f"the FP32 export of {loaded.name} (temporary, not kept)" if loaded else None
+            precision_result = precision_from_onnx(fp32, side_onnx, request, reference=reference,
+                                                   source_name=temporary)
         else:
             side_onnx = fp32
         if onnx_only:

@@ -28,6 +28,11 @@ class TorchRunner:
         self.module = module.eval()
         self.name = name
 
+    @property
+    def threads(self) -> int:
+        """The CPU threads torch runs with (process-wide)."""
+        return torch.get_num_threads()
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return run_forward(self.module, torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
 
@@ -103,6 +108,11 @@ class OrtRunner:
         if self.fp16_quantize_rewritten:
             self.session = self._session(proto.SerializeToString())
 
+    @property
+    def threads(self) -> int | str:
+        """The session's intra-op threads, as its options say; ONNX Runtime's own default when none was set."""
+        return self.session.get_session_options().intra_op_num_threads or "onnxruntime default (physical cores)"
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
@@ -122,6 +132,11 @@ class OpenVinoRunner:
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.name = f"openvino:{path.name}"
+
+    @property
+    def threads(self) -> int:
+        """The inference threads the compiled model uses (OpenVINO resolves its default to a number)."""
+        return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.request.infer({0: batch})[0])

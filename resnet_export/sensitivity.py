@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .onnx_graph import quantized_convs
+from .precision import PrecisionError
 from .runners import OrtRunner
 
 
@@ -65,19 +66,27 @@ def rank_quantized_convs(fp32_path: str | Path, int8_path: str | Path, inputs: n
     fp32_tensors = {out for node in fp32.graph.node for out in node.output}
     fp32_convs = {node.name: node for node in fp32.graph.node if node.op_type == "Conv"}
     # (node name, output tensor, input tensor): FP32 names; the output may be a fused Conv+Relu's.
-    triples = [
-        (node.name, node.output[0], fp32_convs[node.name].input[0])
-        for node in quantized_convs(int8)
-        if node.name in fp32_convs and node.output[0] in fp32_tensors
-    ]
+    triples = []
+    for node in quantized_convs(int8):
+        if node.name not in fp32_convs or node.output[0] not in fp32_tensors:
+            raise PrecisionError(f"sensitivity: quantized conv '{node.name}' of {int8_path} has no counterpart "
+                                 f"(same name and output tensor) in {fp32_path}")
+        triples.append((node.name, node.output[0], fp32_convs[node.name].input[0]))
     names = sorted({t for _, out, inp in triples for t in (out, inp) if t in fp32_tensors})
     views = {name: _quantized_view(int8, name) for name in names}
     reference = _tensor_values(fp32, names, inputs)
     candidate = _tensor_values(int8, sorted(set(views.values())), inputs)
 
+    graph_inputs = {i.name for i in fp32.graph.input}
+
     def error(tensor: str) -> float:
+        if tensor in graph_inputs:  # the model's own input: no error yet
+            return 0.0
         a, b = reference.get(tensor), candidate.get(views.get(tensor, ""))
-        return _relative_error(a, b) if a is not None and b is not None and a.shape == b.shape else 0.0
+        if a is None or b is None or a.shape != b.shape:
+            raise PrecisionError(f"sensitivity: tensor '{tensor}' cannot be compared between {fp32_path} and "
+                                 f"{int8_path} ({'missing' if a is None or b is None else 'shapes differ'})")
+        return _relative_error(a, b)
 
     scores = [(name, error(out) - error(inp)) for name, out, inp in triples]
     return sorted(scores, key=lambda item: item[1], reverse=True)

@@ -201,9 +201,7 @@ def build_config(served: Served, name: str, request: TritonRequest, class_names:
     if served.preprocessing:
         config["parameters"] = {f"preprocessing_{k}": {"string_value": json.dumps(v)}
                                 for k, v in served.preprocessing.items() if k != "class_names"}
-    text = _render(config)
-    check_config(text, served, name, max_batch)
-    return text, max_batch
+    return _render(config), max_batch
 
 
 def _max_batch(served: Served, request: TritonRequest) -> int:
@@ -257,8 +255,40 @@ def _render(config: dict) -> str:
     return text
 
 
-def check_config(text: str, served: Served, name: str, max_batch: int) -> None:
-    """Parse ``text`` back into ModelConfig and check it against the artifact; raise on any disagreement."""
+#: ONNX Runtime's type strings -> Triton data types (the check reads the artifact through ONNX Runtime).
+ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(bfloat16)": "TYPE_BF16",
+             "tensor(int8)": "TYPE_INT8", "tensor(uint8)": "TYPE_UINT8", "tensor(int32)": "TYPE_INT32",
+             "tensor(int64)": "TYPE_INT64", "tensor(bool)": "TYPE_BOOL"}
+
+
+def artifact_tensors(artifact: Path) -> tuple[list[Tensor], list[Tensor]]:
+    """The inputs and outputs the served runtime will see, read apart from ``describe_artifact``.
+
+    An ONNX is read by ONNX Runtime itself (what Triton's onnxruntime backend loads); a plan by its
+    manifest's raw ``io`` records, as TensorRT reported them when it built the plan.
+    """
+    if artifact.suffix == ".onnx":
+        from .runners import OrtRunner
+
+        session = OrtRunner(artifact).session
+
+        def tensors(values) -> list[Tensor]:
+            return [Tensor(v.name, ORT_TYPES.get(v.type, v.type), [d if isinstance(d, int) else None for d in v.shape])
+                    for v in values]
+
+        return tensors(session.get_inputs()), tensors(session.get_outputs())
+    from .trt import load_manifest
+
+    io = (load_manifest(artifact) or {}).get("io", [])
+    return tuple([Tensor(t["name"], TRT_TYPES.get(t["dtype"], t["dtype"]), [d if d >= 0 else None for d in t["shape"]])
+                  for t in io if t["mode"] == mode] for mode in ("input", "output"))
+
+
+def check_config(text: str, artifact: Path, name: str, max_batch: int) -> None:
+    """Parse ``text`` back into ModelConfig and check it against the artifact itself; raise on any disagreement.
+
+    The artifact is read again (``artifact_tensors``), not through the description the config was made from.
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -266,21 +296,22 @@ def check_config(text: str, served: Served, name: str, max_batch: int) -> None:
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as exc:
         raise TritonError(f"the generated config does not parse as Triton's ModelConfig: {exc}") from exc
+    inputs, outputs = artifact_tensors(artifact)
     problems = []
     if config.name != name:
         problems.append(f"name {config.name} != folder {name}")
     if config.max_batch_size != max_batch:
         problems.append(f"max_batch_size {config.max_batch_size} != {max_batch}")
-    for declared, tensors in ((config.input, served.inputs), (config.output, served.outputs)):
+    for declared, tensors in ((config.input, inputs), (config.output, outputs)):
         if [(t.name, model_config_pb2.DataType.Name(t.data_type)) for t in declared] != \
                 [(t.name, t.data_type) for t in tensors]:
             problems.append("tensor names or types differ from the artifact")
         for entry, tensor in zip(declared, tensors):
-            dims = tensor.dims[1:] if max_batch > 0 else tensor.dims
+            dims = tensor.dims[1:] if config.max_batch_size > 0 else tensor.dims
             if list(entry.dims) != [-1 if d is None else d for d in dims]:
                 problems.append(f"dims of '{tensor.name}' differ from the artifact")
-    if max_batch > 0 and not all(t.dims and t.dims[0] is None for t in served.inputs + served.outputs) \
-            and served.kind == "onnx":
+    if config.max_batch_size > 0 and artifact.suffix == ".onnx" and \
+            not all(t.dims and t.dims[0] is None for t in inputs + outputs):
         problems.append("batching needs a dynamic dim 0 on every input and output")
     if problems:
         raise TritonError("the generated config disagrees with the artifact: " + "; ".join(problems))
@@ -297,6 +328,7 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     name = request.name or sanitize(artifact.stem)
     class_names = _labels(request.labels) if request.labels else served.class_names
     text, max_batch = build_config(served, name, request, class_names)
+    check_config(text, artifact, name, max_batch)
     model_dir = repo / name
     version_dir = model_dir / str(request.version)
     if version_dir.exists() and not request.force:
@@ -377,6 +409,7 @@ def _labels(path: Path) -> list[str]:
 def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: int = 0) -> str:
     spec = served.preprocessing or {}
     size = spec.get("input_size", ["H", "W"])
+    interpolation = spec.get("interpolation", "bilinear")  # as data.load_image resamples
     tensor_in, tensor_out = served.inputs[0], served.outputs[0]
     classification = (f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}", class_count=5)]\n'
                       if labels else f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}")]\n')
@@ -388,9 +421,9 @@ Made by `resnet-export triton` ({served.kind}, {served.precision}). Triton does 
 what the model takes, preprocessed as below (also in `config.pbtxt` `parameters`).
 
 - input `{tensor_in.name}`: {tensor_in.data_type}, {tensor_in.dims} (batch axis first)
-- preprocessing: resize the shorter side to {spec.get('resize', '?')}, center-crop to {size[0]}x{size[1]},
-  scale to [0, 1], subtract mean {spec.get('mean', '?')}, divide by std {spec.get('std', '?')},
-  {spec.get('channels', '?')} channel(s), channels first
+- preprocessing: scale so the shorter side is {spec.get('resize', '?')} (and the crop fits), {interpolation}
+  interpolation, center-crop to {size[0]}x{size[1]}, scale to [0, 1], subtract mean {spec.get('mean', '?')},
+  divide by std {spec.get('std', '?')}, {spec.get('channels', '?')} channel(s), channels first
 - max_batch_size: {max_batch}{_rewrite_note(rewritten)}
 
 ```python
@@ -400,9 +433,10 @@ from PIL import Image
 
 def preprocess(path):
     image = Image.open(path).convert("{'L' if spec.get('channels') == 1 else 'RGB'}")
-    scale = {spec.get('resize', size[0])} / min(image.size)
-    image = image.resize((max({size[1]}, round(image.width * scale)), max({size[0]}, round(image.height * scale))))
-    left, top = (image.width - {size[1]}) // 2, (image.height - {size[0]}) // 2
+    scale = max({spec.get('resize', size[0])} / min(image.size), {size[0]} / image.height, {size[1]} / image.width)
+    width, height = max({size[1]}, round(image.width * scale)), max({size[0]}, round(image.height * scale))
+    image = image.resize((width, height), Image.{interpolation.upper()})
+    left, top = (width - {size[1]}) // 2, (height - {size[0]}) // 2
     array = np.asarray(image.crop((left, top, left + {size[1]}, top + {size[0]})), np.float32) / 255
     array = array.reshape(array.shape[0], array.shape[1], -1)
     array = (array - np.array({spec.get('mean', [0.0])}, np.float32)) / np.array({spec.get('std', [1.0])}, np.float32)

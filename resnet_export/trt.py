@@ -175,7 +175,13 @@ def write_timing_cache(path: str | Path, data: bytes) -> None:
 
 
 def runtime_info() -> dict:
-    """TensorRT version, GPU name, compute capability and CUDA version of this machine."""
+    """TensorRT version, GPU name, compute capability and the CUDA that TensorRT runs on here.
+
+    ``cuda_driver``: the CUDA version the installed driver supports (``cuDriverGetVersion`` of
+    libcuda.so.1, what every CUDA library runs on); ``tensorrt_cuda``: the CUDA major the TensorRT
+    wheel was built for (its distribution name, ``tensorrt-cu12`` / ``tensorrt-cu13``); torch's build
+    CUDA is not TensorRT's and is not recorded as such.
+    """
     import tensorrt as trt
     import torch
 
@@ -184,8 +190,41 @@ def runtime_info() -> dict:
         "tensorrt": trt.__version__,
         "gpu": torch.cuda.get_device_name(),
         "compute_capability": f"{major}.{minor}",
-        "cuda": torch.version.cuda,
+        "cuda_driver": cuda_driver_version(),
+        "tensorrt_cuda": tensorrt_cuda_major(),
     }
+
+
+def cuda_version_text(version: int) -> str:
+    """CUDA's integer version (1000 * major + 10 * minor, e.g. 12080) as ``12.8``."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def cuda_driver_version() -> str | None:
+    """The CUDA version the driver supports (libcuda.so.1's ``cuDriverGetVersion``), or None without a driver."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:  # CUDA_SUCCESS
+        return None
+    return cuda_version_text(version.value)
+
+
+def tensorrt_cuda_major(distributions=None) -> str | None:
+    """The CUDA major of the installed TensorRT wheel, from its name (``tensorrt-cu12`` -> ``12``), if any."""
+    import re
+    from importlib import metadata
+
+    names = distributions if distributions is not None else [d.metadata["Name"] or "" for d in metadata.distributions()]
+    for name in names:
+        found = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_]libs)?", name.lower())
+        if found:
+            return found[1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -276,6 +315,9 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     if options.hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     cache = config.create_timing_cache(read_timing_cache(options.timing_cache))
+    if cache is None:  # createTimingCache returns null for a blob it cannot read (samples' cacheUtils checks it)
+        raise EngineError(f"timing cache {options.timing_cache} cannot be read by this TensorRT: "
+                          "delete it or give another `timing_cache` path")
     # IBuilderConfig::setTimingCache returns false when the cache was made by another TensorRT or GPU
     # (NvInfer.h); ignoring that would build without it and then overwrite the user's file.
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -410,7 +452,8 @@ class TrtRunner:
         """Run once and capture the enqueue for ``shape`` in a context and buffers of its own.
 
         As trtexec does (sampleInference.cpp), a run comes first (TensorRT finishes its lazy set-up
-        outside the capture) and a failed capture falls back to plain enqueues for that shape.
+        outside the capture). A failed capture turns CUDA graphs off for this runner: every shape runs
+        plain enqueues from then on.
         """
         import torch
 

@@ -180,26 +180,34 @@ def test_fold_without_verification(tmp_path, resnet18_onnx):
     assert json.loads((tmp_path / "refolded.onnx.json").read_text())["verification"] is None
 
 
-def test_verify_applies_the_requested_gate(resnet18_onnx, resnet18_small, tmp_path):
-    checkpoint = tmp_path / "r18.pth"
-    torch.save(resnet18_small.module.state_dict(), checkpoint)
-    args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--weights", checkpoint]
-    other_model = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--seed", "3"]
-    assert run("verify", resnet18_onnx.path, *args, "--precision", "int8").stdout.startswith(
-        f"{resnet18_onnx.path}: INT8 vs PyTorch")
-    assert_one_line_error(run("verify", resnet18_onnx.path, *other_model, "--precision", "fp16"),
-                          "failed the FP16 gate", code=3)
-
-
 @pytest.mark.slow
-def test_bench_min_time_and_threads(tmp_path):
-    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,ort",
-                 "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "1", "--min-time", "0.3", "--threads", "1",
-                 "--report", tmp_path / "report")
+def test_bench_threads_are_what_each_runner_got(tmp_path):
+    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends",
+                 "torch,ort,openvino", "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "1", "--iters", "3",
+                 "--threads", "1", "--report", tmp_path / "report")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["environment"]["threads"] == 1
-    for row in report["rows"]:
-        assert row["status"] == "ok" and row["iterations"] >= 3
-        # --min-time 0.3 s of wall time; the per-call latencies leave out the loop between calls
-        assert row["iterations"] * row["latency_ms"]["mean"] / 1e3 >= 0.2
+    assert report["environment"]["threads_requested"] == 1
+    assert {row["backend"]: row["threads"] for row in report["rows"]} == {"torch": 1, "ort": 1, "openvino": 1}
+    defaults = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "ort,openvino",
+                   "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "0", "--iters", "3",
+                   "--report", tmp_path / "defaults")
+    assert defaults.exit_code == 0, defaults.output
+    rows = json.loads((tmp_path / "defaults" / "report.json").read_text())["rows"]
+    got = {row["backend"]: row["threads"] for row in rows}
+    assert got["ort"] == "onnxruntime default (physical cores)" and isinstance(got["openvino"], int) and got["openvino"] >= 1
+
+
+def test_time_calls_runs_for_min_time_on_a_fake_clock():
+    from resnet_export.bench import Settings, time_calls
+
+    def fake_clock():
+        ticks = iter(range(10_000))
+        return lambda: next(ticks) * 0.1  # every reading of the clock advances it by 0.1 s
+
+    calls = []
+    timings = time_calls(lambda: calls.append(1), Settings(warmup=2, min_time=1.0), now=fake_clock())
+    # each run reads the clock twice (0.1 s apart) and the loop once: 0.3 s a run from the start at 0
+    assert timings == [pytest.approx(0.1)] * 4 and len(calls) == 2 + 4
+    assert len(time_calls(lambda: None, Settings(warmup=0, min_time=0.0), now=fake_clock())) == 3  # at least 3
+    assert len(time_calls(lambda: None, Settings(warmup=0, iters=7, min_time=100), now=fake_clock())) == 7

@@ -200,7 +200,7 @@ def test_vnni_form_is_exact_only_where_products_add_in_32_bits(forms):
 
 
 @pytest.mark.slow
-def test_a_low_fidelity_artifact_fails_verify_with_exit_3(digits, tmp_path):
+def test_verify_gates_int8_fidelity_and_applies_the_requested_gate(digits, tmp_path):
     """The saturated artifacts measured kept top-1 on most images while the logits collapsed (min cosine
     0.24-0.62). Shifting every logit of a healthy INT8 artifact by one constant keeps every top-k decision
     and collapses the cosine the same way: the INT8 gate must fail it."""
@@ -220,9 +220,12 @@ def test_a_low_fidelity_artifact_fails_verify_with_exit_3(digits, tmp_path):
     result = run("verify", doctored, *model_options, "--images", digits.val, "--precision", "int8")
     assert result.exit_code == EXIT_GATE_FAILED, result.output
     assert "min cosine" in result.stderr and "top-1 agreement" not in result.stderr.split("gate:")[1]
-    good = run("verify", healthy.path, *model_options, "--images", digits.val)
+    good = run("verify", healthy.path, *model_options, "--images", digits.val)  # the INT8 gate, from its metadata
     assert good.exit_code == 0, good.output
-    assert "fused vs exact Q/DQ on this CPU" in good.stdout and "when made (" in good.stdout
+    assert "INT8 vs PyTorch" in good.stdout and "fused vs exact Q/DQ on this CPU" in good.stdout
+    assert "when made (" in good.stdout
+    strict = run("verify", healthy.path, *model_options, "--images", digits.val, "--precision", "fp32")
+    assert strict.exit_code == EXIT_GATE_FAILED and "failed the FP32 gate" in strict.stderr  # the gate asked for
 
 
 QEMU = shutil.which("qemu-x86_64")

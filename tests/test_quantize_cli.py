@@ -11,32 +11,48 @@ import pytest
 from resnet_export.data import load_image
 from resnet_export.errors import EXIT_TRT_UNAVAILABLE
 from resnet_export.models import default_preprocessing
+from resnet_export.onnx_graph import quantized_convs
+from resnet_export.precision import PrecisionError
 from resnet_export.sensitivity import rank_quantized_convs
 from resnet_export.trt import unavailable_reason
 
 from .conftest import IMAGES
 from .test_cli import SMALL, assert_one_line_error, run
 
+#: Random weights give near-tied logits whose top-1 flips between CPUs: where the gate is not the subject,
+#: agreement and accuracy drop are not gated (the cosine and the fused-vs-exact check still are).
+LOOSE = ("--min-agreement", "0", "--max-accuracy-drop", "100")
+
 
 def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
     out = tmp_path / "q.onnx"
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu",
-                 "--calib-size", "4", "-o", out)
+                 "--calib-size", "4", *LOOSE, "-o", out)
     assert result.exit_code == 0, result.output
     assert "INT8 (cpu, minmax, 4 calibration samples, 7-bit weights (portable))" in result.stdout
-    assert "vs 2 held-out images" in result.stdout and "(only 2: pass --val" in result.stdout
+    assert "vs the FP32 ONNX resnet18.onnx on 2 held-out images" in result.stdout and "(only 2: pass --val" in result.stdout
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
     assert manifest["qdq"]["quantized_convs"] == 20 and manifest["settings"]["target"] == "cpu"
     inputs = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
     ranking = rank_quantized_convs(resnet18_onnx.path, out, inputs)  # what the sensitivity search orders by
+    assert {name for name, _ in ranking} == {n.name for n in quantized_convs(onnx.load(str(out)))}  # all 20 found
     assert len(ranking) == 20 and all(np.isfinite(score) for _, score in ranking)
-    assert [score for _, score in ranking] == sorted((score for _, score in ranking), reverse=True)
+    assert sum(abs(score) > 1e-4 for _, score in ranking) >= 10  # measured errors, not placeholders
+    renamed = onnx.load(str(out))  # a conv whose output the FP32 model does not have: an error, not a 0.0
+    conv = quantized_convs(renamed)[3]
+    old_name = conv.output[0]
+    for node in renamed.graph.node:
+        node.input[:] = ["renamed" if i == old_name else i for i in node.input]
+        node.output[:] = ["renamed" if o == old_name else o for o in node.output]
+    onnx.save(renamed, str(tmp_path / "renamed.onnx"))
+    with pytest.raises(PrecisionError, match=f"quantized conv '{conv.name}' .* has no counterpart"):
+        rank_quantized_convs(resnet18_onnx.path, tmp_path / "renamed.onnx", inputs)
 
 
 def test_quantize_fp16(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--fp16", "--val", IMAGES, "-o", tmp_path / "h.onnx")
     assert result.exit_code == 0, result.output
-    assert "FP16; vs 6 images" in result.stdout and ": PASS" in result.stdout
+    assert "FP16; vs the FP32 ONNX resnet18.onnx on 6 images" in result.stdout and ": PASS" in result.stdout
 
 
 def test_images_are_converted_to_the_model_channels():
@@ -60,7 +76,8 @@ def test_images_are_converted_to_the_model_channels():
 
 @pytest.mark.slow
 def test_fewer_images_than_calib_size_warns(resnet18_onnx, tmp_path):
-    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu", "-o", tmp_path / "q.onnx")
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu", *LOOSE,
+                 "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
     assert "too few for --calib-size 512 and a held-out share: calibrating on 4, verifying on 2" in result.stderr
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
@@ -74,7 +91,8 @@ def test_corrupt_images_are_skipped_and_counted(resnet18_onnx, tmp_path):
     shutil.copytree(IMAGES, calib)
     (calib / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (calib / "cup" / "empty.png").write_bytes(b"")
-    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", calib, "--target", "cpu", "-o", tmp_path / "q.onnx")
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", calib, "--target", "cpu", *LOOSE,
+                 "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
     skipped = [int(n) for n in re.findall(r"skipped (\d+) unreadable images of \d+", result.stderr)]
     assert sum(skipped) == 2  # over the calibration and the held-out decodes
@@ -123,9 +141,9 @@ def test_npy_calibration_data(resnet18_onnx, tmp_path):
     arrays = tmp_path / "calib.npy"
     np.save(arrays, np.random.default_rng(0).standard_normal((12, 3, 64, 64)).astype(np.float32))
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", arrays, "--calib-size", "8",
-                 "--target", "cpu", "-o", tmp_path / "q.onnx")
+                 "--target", "cpu", *LOOSE, "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
-    assert "8 calibration samples" in result.stdout and "vs 4 held-out arrays" in result.stdout
+    assert "8 calibration samples" in result.stdout and "on 4 held-out arrays" in result.stdout
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((4, 3, 32, 32), np.float32))
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", wrong, "-o", tmp_path / "w.onnx")
@@ -136,13 +154,14 @@ def test_npy_calibration_data(resnet18_onnx, tmp_path):
 @pytest.mark.slow
 def test_trt_without_tensorrt_keeps_the_onnx_and_says_how(tmp_path):
     out = tmp_path / "r18.plan"
-    result = run("trt", *SMALL, "--int8", "--calib", IMAGES, "-o", out)
+    result = run("trt", *SMALL, "--int8", "--calib", IMAGES, *LOOSE, "-o", out)
     assert_one_line_error(result, "cannot build", code=EXIT_TRT_UNAVAILABLE)
     assert f"resnet-export trt --onnx {tmp_path / 'r18.int8.onnx'} -o {out}" in result.stderr
     assert (tmp_path / "r18.int8.onnx").is_file() and (tmp_path / "r18.int8.onnx.json").is_file()
     assert not out.exists()
     manifest = json.loads((tmp_path / "r18.int8.onnx.json").read_text())
     assert manifest["source"]["reference"] == "torch" and manifest["conversion"]["target"] == "trt"
+    assert manifest["source"]["onnx"] == "the FP32 export of resnet18 (temporary, not kept)"  # no dangling temp path
 
 
 @pytest.mark.slow
@@ -193,13 +212,13 @@ def test_quantize_seed_gates_and_npz_reach_the_manifest(resnet18_onnx, tmp_path)
     npz = run("quantize", resnet18_onnx.path, "--int8", "--calib", tmp_path / "calib.npz", "--calib-size", "8",
               "--target", "cpu", "--calib-method", "percentile", "--min-agreement", "0", "-o", tmp_path / "npz.onnx")
     assert npz.exit_code == 0, npz.output
-    assert "INT8 (cpu, percentile, 8 calibration samples, 7-bit" in npz.stdout and "vs 4 held-out arrays" in npz.stdout
+    assert "INT8 (cpu, percentile, 8 calibration samples, 7-bit" in npz.stdout and "on 4 held-out arrays" in npz.stdout
 
 
 @pytest.mark.slow
 def test_cpu_entropy_calibration(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--calib-size", "4", "--target", "cpu",
-                 "--calib-method", "entropy", "-o", tmp_path / "e.onnx")
+                 "--calib-method", "entropy", *LOOSE, "-o", tmp_path / "e.onnx")
     assert result.exit_code == 0, result.output
     assert "INT8 (cpu, entropy, 4 calibration samples, 7-bit" in result.stdout
 
