@@ -93,6 +93,29 @@ def _parse_batch(_ctx, _param, value: str):
     raise click.BadParameter(f"'{value}' is neither 'dynamic' nor a positive integer")
 
 
+PREPROCESSING_OPTIONS = (
+    click.option("--resize", type=click.IntRange(min=1), metavar="N",
+                 help="Shorter side before the center crop, as trained (the input size: no crop, images of that size "
+                      "used as they are; default: the weights' transforms, else input size x 256/224)."),
+    click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]),
+                 help="Resize interpolation (default: the weights' transforms, else bilinear)."),
+    click.option("--mean", callback=_parse_floats, metavar="M[,M,...]", help="Normalisation mean per channel."),
+    click.option("--std", callback=_parse_floats, metavar="S[,S,...]", help="Normalisation std per channel."),
+)
+
+
+def foreign_preprocessing_options(command):
+    """``--resize/--interpolation/--mean/--std`` for an ONNX made elsewhere; the command receives ``stated``
+    (the options given, as ``preprocessing.stated`` keywords)."""
+
+    @functools.wraps(command)
+    def wrapper(resize, interpolation, mean, std, **kwargs):
+        given = {"resize": resize, "interpolation": interpolation, "mean": mean, "std": std}
+        return command(stated={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    return _with_options(PREPROCESSING_OPTIONS, wrapper)
+
+
 MODEL_OPTIONS = (
     click.option("--arch", help="torchvision ResNet-family arch (default resnet50); see `resnet-export list`."),
     click.option("--model", "factory", metavar="FILE.py:FN|module:FN", help="Your own model: FN() returns an nn.Module."),
@@ -101,8 +124,7 @@ MODEL_OPTIONS = (
     click.option("--num-classes", type=click.IntRange(min=1), help="Output classes (--arch only)."),
     click.option("--in-channels", type=click.IntRange(min=1), help="Input channels; != 3 replaces the stem conv (--arch only)."),
     click.option("--input-size", callback=_parse_size, metavar="H[xW]", help="Input size (default: the weights' transforms, else 224)."),
-    click.option("--mean", callback=_parse_floats, metavar="M[,M,...]", help="Normalisation mean per channel."),
-    click.option("--std", callback=_parse_floats, metavar="S[,S,...]", help="Normalisation std per channel."),
+    *PREPROCESSING_OPTIONS,
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init and random inputs."),
 )
 
@@ -111,12 +133,14 @@ def model_options(command):
     """Add the MODEL options; the command receives ``load`` (a function returning the LoadedModel)."""
 
     @functools.wraps(command)
-    def wrapper(arch, factory, weights, num_classes, in_channels, input_size, mean, std, seed, **kwargs):
+    def wrapper(arch, factory, weights, num_classes, in_channels, input_size, mean, std, resize, interpolation, seed,
+                **kwargs):
         from .models import load_model
 
         def load():
             with console.status("Loading model ..."):
-                return load_model(arch, factory, weights, num_classes, in_channels, input_size, mean, std, seed)
+                return load_model(arch, factory, weights, num_classes, in_channels, input_size, mean, std, seed,
+                                  resize, interpolation)
 
         return command(load=load, seed=seed, **kwargs)
 
@@ -171,24 +195,29 @@ def onnx(load, seed, opset, batch, images, no_verify, output) -> None:
     if result.verification:
         v = result.verification
         line += f"; vs PyTorch on {v.inputs} (batches {','.join(map(str, v.batch_sizes))}): {v.summary()}: PASS"
-    click.echo(line)
+    click.echo(f"{line}; preprocessing: {loaded.preprocessing.describe()}")
 
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the input on ONNX Runtime.")
+@foreign_preprocessing_options
 @_output_option("OUT.onnx")
-def fold(source, no_verify, output) -> None:
-    """Fold Conv -> BatchNormalization in an ONNX file made elsewhere, verified on ONNX Runtime."""
-    from .pipeline import fold_onnx_file
+def fold(source, no_verify, stated, output) -> None:
+    """Fold Conv -> BatchNormalization in an ONNX file made elsewhere, verified on ONNX Runtime.
 
-    result = fold_onnx_file(source, output, run_verification=not no_verify)
+    --resize, --interpolation, --mean and --std state its preprocessing, stored for later stages.
+    """
+    from .pipeline import fold_onnx_file, foreign_preprocessing
+
+    result = fold_onnx_file(source, output, run_verification=not no_verify,
+                            preprocessing=foreign_preprocessing(source, stated))
     line = f"{source} -> {output}: {result.fold.summary()}"
     if result.to_inference:
         line += f" ({result.to_inference} training-mode BatchNormalization switched to running statistics)"
     if result.verification:
         line += f"; vs input: {result.verification.summary()}: PASS"
-    click.echo(line)
+    click.echo(f"{line}; preprocessing: {result.preprocessing.describe()}")
 
 
 def precision_options(command):
@@ -243,7 +272,7 @@ def _precision_line(result) -> str:
                  f"top-1 agreement before {result.before['top1_agreement']:.1%}")
     if result.random_weights and record.dtype == "int8":
         line += " (random weights: agreement on random weights is not a measure of quantization quality)"
-    return as_flags(line + ": PASS")
+    return as_flags(f"{line}: PASS; preprocessing: {result.preprocessing.describe()}")
 
 
 @main.command()
@@ -256,17 +285,21 @@ def _precision_line(result) -> str:
                    "fleets with VNNI/AMX or ARM64: on AVX2-only CPUs such as Zen 2/3 or pre-Cascade Lake Xeons "
                    "ONNX Runtime's kernels saturate and accuracy collapses).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration choice and random inputs.")
+@foreign_preprocessing_options
 @_output_option("OUT.onnx")
 def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, min_cosine, max_accuracy_drop,
-             rest, target, cpu_form, seed, output):
-    """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it."""
-    from .pipeline import precision_from_onnx
+             rest, target, cpu_form, seed, stated, output):
+    """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it.
+
+    For an ONNX made elsewhere, --resize, --interpolation, --mean and --std state its preprocessing.
+    """
+    from .pipeline import foreign_preprocessing, precision_from_onnx
 
     request = _precision_request(fp16, int8, True, calib=calib, target=target, method=calib_method,
                                  calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
                                  min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest,
                                  cpu_form=cpu_form)
-    result = precision_from_onnx(source, output, request)
+    result = precision_from_onnx(source, output, request, preprocessing=foreign_preprocessing(source, stated))
     click.echo(f"{source} -> {output}: {_precision_line(result)}")
 
 
@@ -324,8 +357,9 @@ def verify_command(artifact, load, seed, images, precision):
     from .pipeline import recorded_verification, verify_artifact
 
     loaded = load()
-    precision, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision)
-    line = f"{artifact}: {precision.upper()} vs PyTorch on {v.inputs}, {describe_cpu(cpu_info())}: {v.summary()}"
+    precision, origin, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision)
+    line = (f"{artifact}: {precision.upper()} (from {origin}) vs PyTorch on {v.inputs}, {describe_cpu(cpu_info())}: "
+            f"{v.summary()}")
     recorded = recorded_verification(artifact)
     if recorded and recorded.get("metrics"):
         m = recorded["metrics"]
@@ -345,19 +379,25 @@ def verify_command(artifact, load, seed, images, precision):
               help="Run on Ray Data: --ray (a local cluster), --ray auto, or --ray ray://HOST:10001.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="With --ray: inference actors, one session each.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial, skipping the images it holds.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="OUT.jsonl (one object per image) or OUT.csv (path, then index, class, score per rank).")
-def predict(artifact, images, top_k, batch, backend, ray_address, workers, output):
+              help="OUT.jsonl (one object per image) or OUT.csv (path, then index, class, score per rank); rows "
+                   "stream to OUT.partial, renamed to OUT when the folder is done.")
+def predict(artifact, images, top_k, batch, backend, ray_address, workers, resume, output):
     """Run an ONNX file or a plan on every image under IMAGES; write the top-k classes of each."""
     from .predict import predict_folder
 
     result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend,
-                            ray_address=ray_address, workers=workers)
+                            ray_address=ray_address, workers=workers, resume=resume)
     line = f"{artifact} on {images} ({result.backend}): {result.predicted} images -> {output}"
+    if result.resumed:
+        line += f" ({result.resumed} from the interrupted run)"
     if result.skipped:
         line += f", {len(result.skipped)} unreadable skipped"
     if result.accuracy is not None:
         line += f"; top-1 accuracy {result.accuracy:.1%}"
+    if result.images_per_second:
+        line += f"; {result.images_per_second:.1f} img/s"
     click.echo(line)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError, first_line
 from .manifest import sha256_file
-from .preprocessing import Preprocessing
+from .preprocessing import Preprocessing, per_channel, stated
 
 #: The torchvision ResNet-family builders this toolkit supports, by name.
 ARCHS = (
@@ -286,17 +286,8 @@ def default_preprocessing(
         mean = IMAGENET_MEAN if channels == 3 else (round(sum(IMAGENET_MEAN) / 3, 3),) * channels
     if std is None:
         std = IMAGENET_STD if channels == 3 else (round(sum(IMAGENET_STD) / 3, 3),) * channels
-    mean, std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+    mean, std = per_channel(mean, channels, "mean"), per_channel(std, channels, "std")
     return Preprocessing(tuple(input_size), resize, mean, std, channels, interpolation, class_names)
-
-
-def _per_channel(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == 1:
-        return values * channels
-    if len(values) != channels:
-        raise ModelError(f"`{what}` has {len(values)} values but the model takes {channels} channels")
-    return values
 
 
 # --------------------------------------------------------------------------- model sources
@@ -474,10 +465,19 @@ def load_model(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     seed: int = 0,
+    resize: int | None = None,
+    interpolation: str | None = None,
 ) -> LoadedModel:
-    """Load a model from ``arch`` (default resnet50) or a user's factory ``model``; see the CLI's MODEL options."""
+    """Load a model from ``arch`` (default resnet50) or a user's factory ``model``; see the CLI's MODEL options.
+
+    ``resize`` and ``interpolation`` state the preprocessing as trained (``preprocessing.stated``);
+    without them it is the weights' transforms, else the defaults.
+    """
     if model:
         if arch or num_classes is not None or in_channels is not None:
             raise ModelError("`arch`, `num_classes` and `in_channels` apply to torchvision archs, not to `model`")
-        return load_factory(model, weights, input_size, mean, std, seed)
-    return load_arch(arch or DEFAULT_ARCH, weights, num_classes, in_channels or 3, input_size, mean, std, seed)
+        loaded = load_factory(model, weights, input_size, mean, std, seed)
+    else:
+        loaded = load_arch(arch or DEFAULT_ARCH, weights, num_classes, in_channels or 3, input_size, mean, std, seed)
+    loaded.preprocessing = stated(loaded.preprocessing, resize=resize, interpolation=interpolation)
+    return loaded

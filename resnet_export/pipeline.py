@@ -24,7 +24,8 @@ from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mo
 from .cpu import CPU_FORMS, cpu_info, describe_cpu
 from .manifest import atomic_output, check_not_input, check_writable_dir, manifest_path, sha256_file, write_manifest
 from .models import LoadedModel, model_files
-from .onnx_graph import input_spec, load_onnx, onnx_preprocessing, qdq_summary, read_metadata
+from .onnx_graph import input_spec, load_onnx, onnx_preprocessing, qdq_summary, read_metadata, set_metadata
+from .preprocessing import Preprocessing, stated
 from .precision import RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .sensitivity import rank_quantized_convs
@@ -110,14 +111,16 @@ class FoldOnnxResult:
     fold: FoldReport
     to_inference: int
     verification: Verification | None
+    preprocessing: Preprocessing
 
 
 def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: bool = True,
-                   seed: int = 0) -> FoldOnnxResult:
+                   seed: int = 0, preprocessing: Preprocessing | None = None) -> FoldOnnxResult:
     """Fold ``Conv -> BatchNormalization`` in an ONNX file made elsewhere and verify it with ONNX Runtime.
 
     Training-mode BatchNormalization nodes are first switched to inference mode (running statistics);
-    the reference for verification is the input in that inference form.
+    the reference for verification is the input in that inference form. ``preprocessing`` (from
+    ``foreign_preprocessing``) is stored in the output, so later stages preprocess as stated.
     """
     import onnx
 
@@ -132,11 +135,14 @@ def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: 
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # checker and shape-inference errors
         raise OnnxError(f"the folded model fails onnx.checker: {first_line(exc)}") from exc
+    if preprocessing:
+        set_metadata(model, {"preprocessing": preprocessing.to_dict()})
+    spec = input_spec(model)
     with atomic_output(output) as tmp:
         onnx.save(model, str(tmp))
     verification = None
     if run_verification:
-        inputs = random_inputs(input_spec(model), 8, seed)
+        inputs = random_inputs(spec, 8, seed)
         with task(log, f"Verifying {output} against {source} on ONNX Runtime"):
             candidate = OrtRunner(output)
             reference_runner = OrtRunner(reference)
@@ -147,11 +153,24 @@ def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: 
         precision="fp32",
         source={"onnx": str(source), "sha256": sha256_file(source)},
         fold={**report.to_dict(), "switched_to_inference": switched},
+        preprocessing=spec.to_dict(),
         verification=verification.to_dict() if verification else None,
     )
     if verification is not None:
         verification.raise_if_failed(f"{output} differs from {source}", " (artifact kept)")
-    return FoldOnnxResult(output, report, switched, verification)
+    return FoldOnnxResult(output, report, switched, verification, spec)
+
+
+def foreign_preprocessing(source: str | Path, options: dict) -> Preprocessing | None:
+    """The preprocessing ``options`` (``preprocessing.stated`` keywords) state for ``source``, an ONNX made
+    elsewhere; None when none is stated. An ONNX that carries the toolkit's preprocessing keeps it."""
+    if not options:
+        return None
+    carried = read_metadata(source).get("preprocessing")
+    if carried:
+        raise OnnxError(f"{source} carries its preprocessing ({Preprocessing.from_dict(carried).describe()}): "
+                        "`resize`, `interpolation`, `mean` and `std` state it for an ONNX made elsewhere")
+    return stated(onnx_preprocessing(source), **options)
 
 
 # --------------------------------------------------------------------------- precision
@@ -188,6 +207,7 @@ class PrecisionResult:
     attempts: list[Attempt] = field(default_factory=list)
     random_weights: bool = False
     reference: str = ""  # what it was verified against: "torch" or "ort:NAME.onnx"
+    preprocessing: Preprocessing | None = None  # what calibration and verification used
 
 
 REST_CHOICES = ("auto", *RESTS)
@@ -269,6 +289,7 @@ def precision_from_onnx(
     *,
     reference: Runner | None = None,
     source_name: str | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> PrecisionResult:
     """Make the FP16 or INT8 ONNX of ``source`` as ``request`` says, verify it and write its manifest.
 
@@ -277,7 +298,8 @@ def precision_from_onnx(
     ``min_agreement`` or ``max_accuracy_drop`` one that still misses its gate gets its most sensitive
     convolutions kept in higher precision until it passes. Raises GateFailed (artifact and manifest
     kept) when the gate is still missed. ``source_name`` is what the manifest records as the source
-    ONNX when ``source`` is a temporary file (``trt`` from a model).
+    ONNX when ``source`` is a temporary file (``trt`` from a model). ``preprocessing`` states the
+    preprocessing of an ONNX made elsewhere (``foreign_preprocessing``); it is used and stored.
     """
     precision, calib, target, method = request.precision, request.calib, request.target, request.method
     calib_size, seed, val, rest = request.calib_size, request.seed, request.val, request.rest
@@ -287,7 +309,8 @@ def precision_from_onnx(
     if precision == "fp32":
         raise PrecisionError("precision_from_onnx makes fp16 or int8; an FP32 ONNX comes from onnx_from_model")
     trt_int8 = request.trt_int8
-    spec = onnx_preprocessing(source)
+    spec = preprocessing or onnx_preprocessing(source)
+    metadata = {"preprocessing": spec.to_dict()} if preprocessing else None
     if precision == "int8":  # verification never sees a calibration sample
         calibration, held_out = calibration_data(calib, spec, calib_size, seed, held_out=val is None)
         inputs = image_inputs(val, spec) if val else held_out
@@ -305,14 +328,14 @@ def precision_from_onnx(
             """One conversion into the work folder, verified; calibration ranges reused after the first."""
             path = work / f"attempt-{len(attempts)}.onnx"
             if precision == "fp16":
-                record = to_fp16(source, path)
+                record = to_fp16(source, path, metadata)
             elif trt_int8:
                 reuse = ranges if ranges.is_file() else None
                 record = quantize_int8(source, path, calibration.array, target, method, exclude, rest_dtype,
-                                       ranges=reuse, save_ranges=None if reuse else ranges)
+                                       ranges=reuse, save_ranges=None if reuse else ranges, metadata=metadata)
             else:
                 record = quantize_int8(source, path, calibration.array, target, method, exclude,
-                                       cpu_form=request.cpu_form)
+                                       cpu_form=request.cpu_form, metadata=metadata)
             label = f"{output.name}" + (f" (rest {rest_dtype.upper()})" if rest_dtype else "")
             with task(log, f"Verifying {label} on {inputs.description}"):
                 candidate = OrtRunner(path)
@@ -370,6 +393,7 @@ def precision_from_onnx(
                   "rest": rest if trt_int8 else None,
                   "cpu_form": request.cpu_form if precision == "int8" and target == "cpu" else None},
         conversion=record.to_dict(),
+        preprocessing=spec.to_dict(),
         rest={"requested": rest, "chosen": chosen_rest, "attempts": [asdict(a) for a in attempts]} if trt_int8 else None,
         qdq=qdq_summary(output),
         sensitivity={"excluded": [{"node": n, "added_error": e} for n, e in excluded], "metrics_before": before}
@@ -377,7 +401,8 @@ def precision_from_onnx(
         verification=verification.to_dict(),
     )
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (artifact kept)")
-    return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights, reference.name)
+    return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights, reference.name,
+                           spec)
 
 
 # --------------------------------------------------------------------------- engines and verification
@@ -412,45 +437,95 @@ def engine_from_onnx(onnx_path: str | Path, output: str | Path, *, profile: Batc
     return EngineResult(Path(output), record, verification)
 
 
-def artifact_precision(artifact: str | Path) -> str:
-    """fp32, fp16 or int8: from an ONNX file's metadata or a plan's manifest."""
+def artifact_precision(artifact: str | Path) -> tuple[str, str]:
+    """fp32, fp16 or int8, and where it was read: the manifest, the ONNX metadata, or the graph itself
+    (Q/DQ nodes: int8; float16 weights: fp16; neither: fp32). A plan needs its manifest."""
     artifact = Path(artifact)
-    if artifact.suffix == ".onnx":
-        return read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
-    manifest = load_manifest(artifact)
-    if manifest is None:
+    sidecar = manifest_path(artifact)
+    if sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text()).get("precision")
+        except ValueError:
+            recorded = None
+        dtype = recorded.get("dtype") if isinstance(recorded, dict) else recorded
+        if dtype in GATES:
+            return dtype, "its manifest"
+    if artifact.suffix != ".onnx":
         raise OnnxError(f"{artifact} has no manifest ({artifact.name}.json) to tell its precision: pass `precision`")
-    return manifest["precision"].get("dtype", "fp32")
+    model = load_onnx(artifact, load_weights=False)
+    stored = read_metadata(model).get("precision", {}).get("dtype")
+    if stored:
+        return stored, "its metadata"
+    counts = qdq_summary(model)
+    if counts["quantize_linear"] or counts["dequantize_linear"]:
+        return "int8", "its graph (Q/DQ nodes)"
+    if counts["fp16_initializers"]:
+        return "fp16", "its graph (float16 weights)"
+    return "fp32", "its graph (no Q/DQ, no float16 weights)"
+
+
+def artifact_preprocessing(artifact: Path, loaded: LoadedModel) -> Preprocessing:
+    """How inputs are made for ``artifact``: its own preprocessing (an ONNX's metadata, a plan's source ONNX),
+    else MODEL's when its input size fits the graph, else one derived from the graph's input shape.
+
+    MODEL options that state another preprocessing than the artifact's get a warning; the artifact's wins.
+    """
+    source = artifact
+    if artifact.suffix != ".onnx":
+        source = Path((load_manifest(artifact) or {}).get("onnx", ""))
+    if not source.is_file() or source.suffix != ".onnx":
+        return loaded.preprocessing
+    model = load_onnx(source, load_weights=False)
+    stored = read_metadata(model).get("preprocessing")
+    graph = input_spec(model)
+    if stored:
+        spec = Preprocessing.from_dict(stored)
+    elif (loaded.preprocessing.channels, loaded.preprocessing.input_size) == (graph.channels, graph.input_size):
+        spec = loaded.preprocessing
+    else:
+        spec = graph
+    if not spec.same_as(loaded.preprocessing):
+        log.warning(f"the model options state another preprocessing ({loaded.preprocessing.describe()}) than "
+                    f"{artifact.name} ({spec.describe()}): verifying with the artifact's")
+    return spec
 
 
 def verify_artifact(artifact: str | Path, loaded: LoadedModel, *, images: str | Path | None = None,
-                    seed: int = 0, precision: str | None = None) -> tuple[str, Verification]:
+                    seed: int = 0, precision: str | None = None) -> tuple[str, str, Verification]:
     """Compare an ONNX file or a plan with the PyTorch model using its precision's gate.
 
-    The precision comes from the artifact (ONNX metadata, plan manifest) unless ``precision`` is given.
-    An INT8 ONNX is also run exactly (graph optimizations off): its fused run on this CPU must match.
+    Inputs are preprocessed as the artifact says (``artifact_preprocessing``). The precision, and so
+    the gate, comes from the artifact (``artifact_precision``) unless ``precision`` is given; returns
+    it, where it came from, and the verification. An INT8 ONNX is also run exactly (graph
+    optimizations off): its fused run on this CPU must match.
     """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):
         raise OnnxError(f"{artifact}: expected an .onnx file or a TensorRT .plan")
     if not artifact.is_file():
         raise OnnxError(f"{artifact} not found")
-    precision = precision or artifact_precision(artifact)
+    precision, origin = (precision, "requested") if precision else artifact_precision(artifact)
     recorded = recorded_verification(artifact)
     if recorded and recorded.get("cpu") and _cpu_key(recorded["cpu"]) != _cpu_key(cpu_info()):
         log.warning(f"{artifact.name} was verified on {describe_cpu(recorded['cpu'])} when made; "
                     f"re-checking on this machine, {describe_cpu(cpu_info())}")
+    spec = artifact_preprocessing(artifact, loaded)
     candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
+    expected = tuple(candidate.session.get_inputs()[0].shape[1:]) if isinstance(candidate, OrtRunner) else None
+    given = (spec.channels, *spec.input_size)
+    if expected and any(isinstance(e, int) and e != g for e, g in zip(expected, given)):
+        raise OnnxError(f"{artifact.name} takes inputs of {list(expected)} but its preprocessing makes {list(given)}: "
+                        "state it with `resize`/`input_size` as the model was trained")
     exact = OrtRunner(artifact, exact=True) if artifact.suffix == ".onnx" and precision == "int8" else None
-    inputs = verification_inputs(loaded, images, seed=seed)
+    inputs = image_inputs(images, spec) if images else random_inputs(spec, 8, seed)
     sizes = None
     if isinstance(candidate, TrtRunner):  # every batch inside the engine's optimization profile
         sizes = batch_plan(len(inputs.array), None, candidate.profile_max_batch, candidate.profile_min_batch)
     with task(log, f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
         verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
                               getattr(candidate, "fixed_batch", None), sizes, exact=exact)
-    verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate")
-    return precision, verification
+    verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate (precision from {origin})")
+    return precision, origin, verification
 
 
 def _cpu_key(info: dict) -> tuple:

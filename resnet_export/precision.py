@@ -125,9 +125,10 @@ def _quiet_tools() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = old_tqdm
 
 
-def _save_with_metadata(model: onnx.ModelProto, source: Path, output: Path, precision: Conversion) -> None:
-    """Carry the source's toolkit metadata forward, add the precision record, check and save atomically."""
-    set_metadata(model, {**read_metadata(source), "precision": precision.to_dict()})
+def _save_with_metadata(model: onnx.ModelProto, source: Path, output: Path, precision: Conversion,
+                        metadata: dict | None = None) -> None:
+    """Carry the source's toolkit metadata forward with ``metadata`` and the precision record; check, save atomically."""
+    set_metadata(model, {**read_metadata(source), **(metadata or {}), "precision": precision.to_dict()})
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # checker raises ValidationError and friends
@@ -141,10 +142,11 @@ def input_name(path: str | Path) -> str:
     return input_dims(load_onnx(path, load_weights=False))[0]
 
 
-def to_fp16(source: str | Path, output: str | Path) -> Conversion:
+def to_fp16(source: str | Path, output: str | Path, metadata: dict | None = None) -> Conversion:
     """Convert an FP32 ONNX to FP16 with ModelOpt AutoCast, FP32 inputs and outputs kept.
 
-    Returns the record of the conversion, also stored in the model's metadata.
+    Returns the record of the conversion, stored in the model's metadata with ``metadata`` (e.g. the
+    preprocessing stated for an ONNX made elsewhere).
     """
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
@@ -156,7 +158,7 @@ def to_fp16(source: str | Path, output: str | Path) -> Conversion:
         except Exception as exc:  # AutoCast raises assorted errors on unsupported graphs
             raise PrecisionError(f"FP16 conversion of {source} failed: {first_line(exc)}") from exc
     record = Conversion("fp16", "modelopt.autocast", keep_io_types=True)
-    _save_with_metadata(model, source, output, record)
+    _save_with_metadata(model, source, output, record, metadata)
     return record
 
 
@@ -184,6 +186,7 @@ def quantize_int8(
     ranges: str | Path | None = None,
     save_ranges: str | Path | None = None,
     cpu_form: str = "portable",
+    metadata: dict | None = None,
 ) -> Conversion:
     """Calibrate on ``calibration`` (preprocessed ``(N, C, H, W)``) and write an INT8 Q/DQ ONNX.
 
@@ -191,7 +194,7 @@ def quantize_int8(
     precision of everything not quantized, ``ranges`` a calibration cache saved by an earlier call
     (its activation ranges are reused: no calibration pass over the data) and ``save_ranges`` where
     to save this call's ranges. For the cpu target, ``cpu_form`` is the weight form (``CPU_FORMS``).
-    Returns the record of the conversion, also stored in the model's metadata.
+    Returns the record of the conversion, stored in the model's metadata with ``metadata``.
     """
     source, output = Path(source), Path(output)
     method = check_method(target, method)
@@ -229,7 +232,7 @@ def quantize_int8(
                  f"on {len(calibration)} samples in {record.calibration_seconds} s")
         if save_ranges:
             shutil.copyfile(work / "ranges.cache", save_ranges)
-        _save_with_metadata(onnx.load(str(quantized)), source, output, record)
+        _save_with_metadata(onnx.load(str(quantized)), source, output, record, metadata)
     return record
 
 

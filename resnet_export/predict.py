@@ -1,6 +1,10 @@
-"""Run an artifact on every image of a folder: the top-k classes of each, written as JSONL or CSV.
+"""Run an artifact on every image of a folder: the top-k classes of each, streamed to JSONL or CSV.
 
-Images are preprocessed as the artifact's metadata says (a plan: its ONNX's). Unreadable images are
+Rows are appended to ``OUT.partial`` as batches finish and the file is renamed to ``OUT`` only when
+the folder is done, so a killed run never leaves an ``OUT`` that looks complete; ``resume`` continues
+from the partial file and skips the images it holds. Locally, a thread pool decodes the next batches
+while the session runs; on Ray (``predict_ray``) tasks decode and actors run, and the driver writes.
+Memory does not grow with the folder: rows are written, only counts are kept. Unreadable images are
 counted and skipped; with the ImageFolder layout whose folders are the model's classes, the result
 carries the top-1 accuracy.
 """
@@ -8,179 +12,196 @@ carries the top-1 accuracy.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from .data import DataError, Inputs, class_indices, decode_readable, find_images
-from .manifest import atomic_output, check_not_input, check_writable_dir
-from .onnx_graph import onnx_preprocessing, read_metadata
+from .data import DataError, decode_readable, find_images
+from .inference import batch_sizes, label_index, open_artifact, ranked, row
+from .manifest import check_not_input, check_writable_dir
 from .preprocessing import Preprocessing
 from .progress import task
-from .verify import batch_plan, run_batches
+from .verify import run_batches
 
 log = logging.getLogger(__name__)
 
 FORMATS = (".jsonl", ".csv")
-BACKENDS = ("ort", "openvino", "trt")
+#: Batches decoded ahead of the one running.
+PREFETCH = 2
 
 
 @dataclass
 class PredictResult:
-    """What ``predict_folder`` wrote: how many images, which were skipped, and the accuracy with labels."""
+    """What ``predict_folder`` wrote: images, skipped files, accuracy with labels, backend, and this run's rate."""
 
     output: Path
     predicted: int
     skipped: list[str] = field(default_factory=list)
     accuracy: float | None = None
     backend: str = "ort"
+    resumed: int = 0  # rows taken over from an interrupted run
+    images_per_second: float | None = None  # images predicted by this run / its wall time
 
 
-def open_artifact(artifact: Path, backend: str | None = None):
-    """The runner for ``artifact`` on ``backend`` (ort or openvino for an ONNX, trt for a plan) and its preprocessing."""
-    from .runners import OpenVinoRunner, OrtRunner
-
-    is_onnx = artifact.suffix == ".onnx"
-    if not is_onnx and artifact.suffix not in (".plan", ".engine"):
-        raise DataError(f"{artifact}: expected an .onnx file or a TensorRT .plan")
-    if not artifact.is_file():
-        raise DataError(f"{artifact} not found")
-    backend = backend or ("ort" if is_onnx else "trt")
-    if backend not in BACKENDS:
-        raise DataError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    if is_onnx == (backend == "trt"):
-        raise DataError(f"backend {backend} does not run {artifact.suffix} files: ort and openvino run an ONNX, trt a plan")
-    if backend == "trt":
-        from .trt import TrtRunner, load_manifest
-
-        manifest = load_manifest(artifact) or {}
-        source = Path(manifest.get("onnx", ""))
-        if not source.is_file():
-            raise DataError(f"{artifact}: its preprocessing comes from the ONNX it was built from, which its "
-                            f"manifest does not name or which is gone ({source or 'no manifest'})")
-        return TrtRunner(artifact), onnx_preprocessing(source), backend
-    spec = onnx_preprocessing(artifact)
-    if backend == "openvino":
-        precision = read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
-        return OpenVinoRunner(artifact, precision, None), spec, backend
-    return OrtRunner(artifact, _ort_providers()), spec, backend
+def partial_path(output: Path) -> Path:
+    """Where the rows go until the folder is done: ``OUT.partial`` beside ``OUT``."""
+    return output.with_name(output.name + ".partial")
 
 
-def _ort_providers() -> tuple[str, ...]:
-    """ONNX Runtime's CUDA provider where a GPU is visible, else the CPU's."""
-    import onnxruntime as ort
-    import torch
+class Tally:
+    """Counts rows and, once the number of classes is known, correct top-1 predictions by folder."""
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-        return ("CUDAExecutionProvider", "CPUExecutionProvider")
-    return ("CPUExecutionProvider",)
+    def __init__(self, root: Path, classes: list[str] | None, spec: Preprocessing):
+        self.root, self.classes, self.spec = root, classes, spec
+        self.rows, self.correct, self.index = 0, 0, None
+        self.outputs = len(spec.class_names) if spec.class_names else 0
+        self._pending: list[tuple[str, int]] = []  # rows seen before the number of classes was known
 
+    def add(self, path: str, top1: int, outputs: int = 0) -> None:
+        self.rows += 1
+        if outputs and not self.outputs:
+            self.outputs = outputs
+        if self.index is None and self.outputs:
+            self.index = label_index(self.classes, self.spec, self.outputs) or {}
+            for pending in self._pending:
+                self._count(*pending)
+            self._pending = []
+        if self.index is None:
+            self._pending.append((path, top1))
+        else:
+            self._count(path, top1)
 
-def _batch_sizes(runner, count: int, batch: int) -> list[int]:
-    """Batches for ``count`` images: the runner's fixed batch, its engine profile, or ``batch`` at a time."""
-    if getattr(runner, "fixed_batch", None):
-        return batch_plan(count, runner.fixed_batch)
-    if hasattr(runner, "profile_max_batch"):
-        return batch_plan(count, None, min(batch, runner.profile_max_batch), runner.profile_min_batch)
-    return [batch] * (count // batch) + ([count % batch] if count % batch else [])
+    def _count(self, path: str, top1: int) -> None:
+        if self.index:
+            self.correct += self.index[Path(path).relative_to(self.root).parts[0]] == top1
 
-
-def ranked(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and softmax scores of the ``k`` best classes of each row, best first."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    scores = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(scores, order, axis=1)
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.rows if self.index and self.rows else None
 
 
 def predict_folder(artifact: str | Path, images: str | Path, output: str | Path, *, top_k: int = 5,
                    batch: int = 32, backend: str | None = None, ray_address: str | None = None,
-                   workers: int = 2) -> PredictResult:
+                   workers: int = 2, resume: bool = False) -> PredictResult:
     """Run ``artifact`` on every image under ``images`` and write the ``top_k`` best classes to ``output``.
 
     ``output`` ends in .jsonl (one object per image: path, topk of index, class, score) or .csv
-    (path, then index, class, score per rank); it is written atomically. With ``ray_address``
-    (``"local"``, ``"auto"`` or ``"ray://host:port"``) the job runs on Ray Data: images decoded in
-    tasks, inference in ``workers`` actors holding one session each; the rows are the same.
+    (path, then index, class, score per rank). Rows stream to ``OUT.partial``, renamed to ``output``
+    when done; ``resume`` continues an interrupted run from it (without ``resume`` an existing one is
+    an error). With ``ray_address`` (``"local"``, ``"auto"`` or ``"ray://host:port"``) the job runs
+    on Ray Data; the rows are the same.
     """
     artifact, images, output = Path(artifact), Path(images), Path(output)
-    if output.suffix.lower() not in FORMATS:
+    suffix = output.suffix.lower()
+    if suffix not in FORMATS:
         raise DataError(f"output {output} must end in {' or '.join(FORMATS)}")
     if top_k < 1 or batch < 1:
         raise DataError("`top_k` and `batch` must be positive")
     check_writable_dir(output)
-    check_not_input([output], [artifact])
+    partial = partial_path(output)
+    check_not_input([output, partial], [artifact])
+    if partial.exists() and not resume:
+        raise DataError(f"{partial} is left from an interrupted run: pass `resume` to continue it, or delete it")
     runner, spec, backend = open_artifact(artifact, backend)
     paths, classes = find_images(images)
-    if ray_address:
-        from .predict_ray import run_on_ray
+    tally = Tally(images, classes, spec)
+    done = _read_partial(partial, suffix, top_k) if resume and partial.exists() else {}
+    for path, top1 in done.items():
+        tally.add(path, top1)
+    todo = [p for p in paths if str(p) not in done]
+    if done:
+        log.info(f"resuming {partial.name}: {len(done)} images done, {len(todo)} to go")
+    skipped: list[str] = []
+    start = time.perf_counter()
+    new = partial.stat().st_size == 0 if partial.exists() else True
+    with open(partial, "a", newline="") as out:
+        if new and suffix == ".csv":
+            out.write(_csv_line(["path", *[f"{n}_{r}" for r in range(1, top_k + 1) for n in ("index", "class", "score")]]))
+        if ray_address:
+            from .predict_ray import rows_on_ray
 
-        rows, labels, skipped = run_on_ray(artifact, backend, spec, images, paths, classes, top_k, batch,
-                                           ray_address, workers)
-    else:
-        rows, labels, skipped = _run(runner, spec, images, paths, classes, top_k, batch)
-    if not rows:
+            batches = rows_on_ray(artifact, backend, spec, todo, top_k, batch, ray_address, workers)
+        else:
+            batches = _rows_locally(runner, spec, todo, top_k, batch)
+        for rows, failures, outputs in batches:
+            out.write("".join(_format(r, suffix) for r in rows))
+            out.flush()
+            for r in rows:
+                tally.add(r["path"], r["topk"][0]["index"], outputs)
+            skipped += failures
+    elapsed = time.perf_counter() - start
+    if not tally.rows:
+        partial.unlink(missing_ok=True)
         raise DataError(f"no readable image among {len(paths)} files under {images}")
     if skipped:
         log.warning(f"skipped {len(skipped)} unreadable images of {len(paths)}: {', '.join(skipped[:5])}"
                     + (", ..." if len(skipped) > 5 else ""))
-    accuracy = None
-    if labels is not None:
-        accuracy = float(np.mean([row["topk"][0]["index"] == label for row, label in zip(rows, labels)]))
-    with atomic_output(output) as tmp:
-        _write(tmp, rows, top_k, output.suffix.lower())
-    return PredictResult(output, len(rows), skipped, accuracy, backend)
+    os.replace(partial, output)
+    predicted_now = tally.rows - len(done)
+    rate = predicted_now / elapsed if predicted_now and elapsed > 0 else None
+    return PredictResult(output, tally.rows, skipped, tally.accuracy, backend, len(done), rate)
 
 
-def _run(runner, spec: Preprocessing, root: Path, paths: list[Path], classes: list[str] | None, top_k: int,
-         batch: int) -> tuple[list[dict], list[int] | None, list[str]]:
-    """Decode, run and rank the images batch by batch; returns the rows, labels (or None) and skipped files."""
-    rows, skipped, outputs = [], [], 0
+def _rows_locally(runner, spec: Preprocessing, paths: list[Path], top_k: int,
+                  batch: int) -> Iterator[tuple[list[dict], list[str], int]]:
+    """(rows, unreadable files, number of classes) batch by batch; the next batches decode while one runs."""
     names = spec.class_names
-    with task(log, f"Predicting {len(paths)} images", len(paths)) as advance:
-        for start in range(0, len(paths), batch):
-            arrays, kept, failures = decode_readable(paths[start:start + batch], spec, advance)
-            skipped += failures
-            if not kept:
-                continue
-            logits = run_batches(runner, np.stack(arrays), _batch_sizes(runner, len(kept), batch))
-            outputs = logits.shape[1]
-            indices, scores = ranked(logits, top_k)
-            rows += [row(path, i, s, names) for path, i, s in zip(kept, indices, scores)]
-    return rows, folder_labels(rows, root, classes, spec, outputs), skipped
+    chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
+    with task(log, f"Predicting {len(paths)} images", len(paths)) as advance, \
+            ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="decode") as pool:
+        pending = [pool.submit(decode_readable, chunk, spec) for chunk in chunks[:PREFETCH]]
+        for i in range(len(chunks)):
+            arrays, kept, failures = pending.pop(0).result()
+            if i + PREFETCH < len(chunks):
+                pending.append(pool.submit(decode_readable, chunks[i + PREFETCH], spec))
+            rows, outputs = [], 0
+            if kept:
+                logits = run_batches(runner, np.stack(arrays), batch_sizes(runner, len(kept), batch))
+                outputs = logits.shape[1]
+                indices, scores = ranked(logits, top_k)
+                rows = [row(path, k, s, names) for path, k, s in zip(kept, indices, scores)]
+            advance(len(chunks[i]))
+            yield rows, failures, outputs
 
 
-def row(path, indices: np.ndarray, scores: np.ndarray, names: list[str] | None) -> dict:
-    """One output row: the image path and its classes, best first."""
-    return {"path": str(path), "topk": [
-        {"index": int(i), "class": names[i] if names and i < len(names) else None, "score": float(s)}
-        for i, s in zip(indices, scores)]}
+def _csv_line(cells: list) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(cells)
+    return buffer.getvalue()
 
 
-def folder_labels(rows: list[dict], root: Path, classes: list[str] | None, spec: Preprocessing,
-                  outputs: int) -> list[int] | None:
-    """The label of each row from its ImageFolder class, or None where folders are not the model's classes."""
-    if not classes or not rows:
-        return None
-    index, by_order = class_indices(classes, spec.class_names)
-    labels = [index[Path(r["path"]).relative_to(root).parts[0]] for r in rows]
-    usable = Inputs(np.empty(0), np.array(labels), "", by_order).labels_for(outputs)  # the same rule as verification
-    return None if usable is None else labels
+def _format(r: dict, suffix: str) -> str:
+    """One row as a JSONL line or a CSV line (path, then index, class, score per rank)."""
+    if suffix == ".jsonl":
+        return json.dumps(r) + "\n"
+    cells = [r["path"]]
+    for entry in r["topk"]:
+        cells += [entry["index"], entry["class"] or "", f"{entry['score']:.6g}"]
+    return _csv_line(cells)
 
 
-def _write(path: Path, rows: list[dict], top_k: int, suffix: str) -> None:
-    with open(path, "w", newline="") as f:
-        if suffix == ".jsonl":
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            return
-        writer = csv.writer(f)
-        writer.writerow(["path", *[f"{name}_{rank}" for rank in range(1, top_k + 1) for name in ("index", "class", "score")]])
-        for row in rows:
-            cells = [row["path"]]
-            for entry in row["topk"]:
-                cells += [entry["index"], entry["class"] or "", f"{entry['score']:.6g}"]
-            writer.writerow(cells)
+def _read_partial(partial: Path, suffix: str, top_k: int) -> dict[str, int]:
+    """The images an interrupted run wrote, with their top-1 index; a torn last line is cut off the file."""
+    data = partial.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(len(complete))
+    lines = complete.decode().splitlines()
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in lines if line]
+        if rows and len(rows[0]["topk"]) != top_k:
+            raise DataError(f"{partial} was written with another `top_k` ({len(rows[0]['topk'])}): delete it")
+        return {r["path"]: r["topk"][0]["index"] for r in rows}
+    rows = list(csv.reader(lines))
+    if rows and (rows[0][0] != "path" or len(rows[0]) != 1 + 3 * top_k):
+        raise DataError(f"{partial} was written with another `top_k` or is not this command's: delete it")
+    return {cells[0]: int(cells[1]) for cells in rows[1:]}

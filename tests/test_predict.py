@@ -9,7 +9,7 @@ import pytest
 
 from resnet_export.data import image_inputs
 from resnet_export.onnx_graph import onnx_preprocessing
-from resnet_export.predict import ranked
+from resnet_export.inference import ranked
 from resnet_export.runners import OrtRunner
 
 from .conftest import IMAGES
@@ -137,3 +137,57 @@ def test_ray_missing_is_a_one_line_error_naming_the_extra(resnet18_onnx, tmp_pat
     result = run("predict", resnet18_onnx.path, IMAGES, "--ray", "-o", tmp_path / "p.jsonl")
     assert_one_line_error(result, "pip install 'resnet-export[ray]'")
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def _rows(path):
+    return path.read_text().splitlines()
+
+
+def test_a_partial_file_needs_resume_and_resume_gives_the_same_rows(resnet18_onnx, tmp_path):
+    whole = tmp_path / "whole.jsonl"
+    assert run("predict", resnet18_onnx.path, IMAGES, "--batch", "2", "-o", whole).exit_code == 0
+    out = tmp_path / "preds.jsonl"
+    partial = tmp_path / "preds.jsonl.partial"
+    lines = _rows(whole)
+    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # three rows and a torn fourth, as a kill leaves
+    assert_one_line_error(run("predict", resnet18_onnx.path, IMAGES, "-o", out), "pass --resume to continue it")
+    assert not out.exists()
+    result = run("predict", resnet18_onnx.path, IMAGES, "--resume", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "(3 from the interrupted run)" in result.stdout and " img/s" in result.stdout
+    assert _rows(out) == lines and not partial.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_onnx, tmp_path):
+    """SIGKILL a real `predict` process halfway through a folder: no OUT, and --resume completes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(p for p in IMAGES.rglob("*") if p.is_file())
+    for i in range(600):
+        Image.open(sources[i % len(sources)]).convert("RGB").resize((40 + i % 30, 48)).save(folder / f"{i:04d}.png")
+    out, partial = tmp_path / "preds.csv", tmp_path / "preds.csv.partial"
+    command = [sys.executable, "-m", "resnet_export", "predict", str(resnet18_onnx.path), str(folder), "--batch", "4",
+               "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not partial.exists() or partial.read_text().count("\n") < 150):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written = partial.read_text().count("\n") - 1
+    assert 150 <= written < 600 and not out.exists()  # killed halfway: nothing that looks complete
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({written} from the interrupted run)" in resumed.stdout
+    whole = tmp_path / "whole.csv"
+    assert subprocess.run([*command[:-1], str(whole)], capture_output=True, timeout=300).returncode == 0
+    assert out.read_text() == whole.read_text()  # each image once, the same rows

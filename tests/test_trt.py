@@ -119,7 +119,7 @@ def test_verify_command_on_onnx(resnet18_onnx, resnet18_small, tmp_path):
     args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--images", IMAGES]
     result = run("verify", resnet18_onnx.path, *args, "--weights", checkpoint)
     assert result.exit_code == 0, result.output
-    assert "FP32 vs PyTorch on 6 images" in result.stdout and "PASS" in result.stdout
+    assert "FP32 (from its manifest) vs PyTorch on 6 images" in result.stdout and "PASS" in result.stdout
     other = run("verify", resnet18_onnx.path, *args, "--seed", "7")  # another (random) model
     assert_one_line_error(other, "failed the FP32 gate", code=3)
 
