@@ -428,11 +428,17 @@ def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-def inspect(artifact):
-    """Show an ONNX file's or a plan's I/O, precision mix, Q/DQ and BatchNorm counts and manifest."""
+@click.option("--json", "as_json", is_flag=True, help="Print the whole description as JSON, for machines.")
+def inspect(artifact, as_json):
+    """Report what an ONNX file or a plan is: I/O, precision, preprocessing, verification, machines, op mix."""
+    from .console import print_description
     from .describe import describe
 
-    click.echo(json.dumps(describe(artifact), indent=2, default=str))
+    info = describe(artifact)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        print_description(info)
 
 
 @main.command()

@@ -57,3 +57,64 @@ class RichLogHandler(logging.Handler):
             console.print(f"[yellow]Warning:[/yellow] {escape(text)}", soft_wrap=True)
         else:
             console.print(text, soft_wrap=True, markup=False)
+
+
+def print_description(info: dict) -> None:
+    """``inspect``'s report for a person: I/O, precision, preprocessing, verification, machines, op mix."""
+    from rich.table import Table
+
+    from .cpu import describe_cpu
+    from .preprocessing import Preprocessing
+
+    out = Console(highlight=False)  # stdout: the report is the command's result
+    manifest = info.get("manifest") or {}
+
+    def table(title: str, *columns: str) -> Table:
+        grid = Table(title=title, title_justify="left", title_style="bold")
+        for column in columns:
+            grid.add_column(column)
+        return grid
+
+    kind = "TensorRT plan" if "engine" in info else f"ONNX (opset {info.get('opset')})"
+    made = f"made by `{manifest['stage']}`" if manifest.get("stage") else "no manifest"
+    out.print(f"[bold]{escape(info['artifact'])}[/bold]: {kind}, {made}")
+    io = table("Inputs and outputs", "tensor", "dtype", "shape")
+    for tensor in info.get("inputs", []) + info.get("outputs", []) or (info.get("engine") or {}).get("io", []):
+        io.add_row(escape(tensor["name"]), str(tensor["dtype"]), str(tensor["shape"]))
+    out.print(io)
+    precision = table("Precision", "setting", "value")
+    for key, value in (info.get("precision") or manifest.get("precision") or {}).items():
+        precision.add_row(key, escape(str(value)))
+    for key, value in (info.get("counts") or {}).items():
+        precision.add_row(key.replace("_", " "), str(value))
+    out.print(precision)
+    spec = info.get("preprocessing") or manifest.get("preprocessing")
+    if spec:
+        out.print(f"[bold]Preprocessing[/bold]: {escape(Preprocessing.from_dict({**spec, 'class_names': None}).describe())}")
+    verification = manifest.get("verification")
+    if verification:
+        metrics = table(f"Verification: {'PASS' if verification['passed'] else 'FAIL'} on {verification['inputs']}",
+                        "metric", "value", "gate")
+        gate = verification.get("gate") or {}
+        limits = {"top1_agreement": gate.get("min_top1_agreement"), "min_cosine": gate.get("min_cosine"),
+                  "accuracy_drop_points": gate.get("max_accuracy_drop")}
+        for key, value in verification["metrics"].items():
+            limit = limits.get(key)
+            metrics.add_row(key.replace("_", " "), f"{value:.6g}" if isinstance(value, float) else str(value),
+                            "" if limit is None else (f"<= {limit}" if key == "accuracy_drop_points" else f">= {limit}"))
+        kernels = verification.get("kernels")
+        if kernels:
+            metrics.add_row("fused vs exact min cosine", f"{kernels['metrics']['min_cosine']:.6g}",
+                            f">= {kernels['gate']['min_cosine']}")
+        for failure in verification.get("failures", []):
+            metrics.add_row("failed", escape(failure), "")
+        out.print(metrics)
+    machines = info.get("cpu") or {}
+    out.print(f"[bold]Verified on[/bold]: {escape(describe_cpu(machines.get('verified_on') or {}))}; "
+              f"[bold]this machine[/bold]: {escape(describe_cpu(machines.get('this_machine') or {}))}")
+    ops = info.get("ops")
+    if ops:
+        out.print("[bold]Op mix[/bold]: " + ", ".join(f"{op} {count}" for op, count in ops.items()))
+    engine = info.get("engine") or {}
+    if engine.get("unavailable"):
+        out.print(f"[bold]Engine[/bold]: {escape(engine['unavailable'])}")

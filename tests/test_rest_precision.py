@@ -76,7 +76,7 @@ def test_rest_fp32_on_request_and_inspect_shows_it(digits_r18, tmp_path):
     assert "rest FP32" in result.stdout
     model = onnx.load(str(out))
     assert not any(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer)
-    shown = json.loads(run("inspect", out).stdout)
+    shown = json.loads(run("inspect", out, "--json").stdout)
     assert shown["precision"]["rest"] == "fp32" and shown["manifest"]["rest"]["chosen"] == "fp32"
 
 

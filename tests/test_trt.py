@@ -125,7 +125,7 @@ def test_verify_command_on_onnx(resnet18_onnx, resnet18_small, tmp_path):
 
 
 def test_inspect_onnx(resnet18_onnx):
-    result = run("inspect", resnet18_onnx.path)
+    result = run("inspect", resnet18_onnx.path, "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["counts"]["batchnorms"] == 0 and info["inputs"][0]["shape"] == ["batch", 3, 64, 64]
@@ -133,6 +133,12 @@ def test_inspect_onnx(resnet18_onnx):
     from resnet_export.cpu import cpu_info
 
     assert info["cpu"]["verified_on"] == info["cpu"]["this_machine"] == cpu_info()  # JSON of what was read
+    report = run("inspect", resnet18_onnx.path)  # for a person: tables, not JSON
+    assert report.exit_code == 0, report.output
+    for part in ("Inputs and outputs", "Precision", "Preprocessing: shorter side to 73 (bilinear), center crop 64x64",
+                 "Verification: PASS on 6 images", "min cosine", ">= 0.99999", "Verified on", "Op mix: Conv 20"):
+        assert part in report.stdout, part
+    assert not report.stdout.lstrip().startswith("{")
 
 
 # --------------------------------------------------------------------------- real TensorRT
