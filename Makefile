@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test bench-ci bench clean
+.PHONY: install demo test bench-ci bench-baseline bench clean
 
 install: $(STAMP)
 
@@ -26,10 +26,21 @@ test: $(STAMP)
 clean:
 	rm -rf $(OUT) .pytest_cache
 
-# The short CPU benchmark CI runs after the tests; it prints its Markdown report.
+# The short CPU benchmark CI runs after the tests; it prints its Markdown report and the comparison with the
+# committed baseline of this CPU class (benchmarks/baselines/), failing (exit 3) on a regression.
+BENCH_CI = $(BIN)/resnet-export bench --arch resnet18 --backends torch,ort,openvino --precisions fp32,int8 \
+		--batch-sizes 1,8 --warmup 3 --min-time 1 --threads 2
+BENCH_CI_TOLERANCE ?= 35
 bench-ci: $(STAMP)
-	$(BIN)/resnet-export bench --arch resnet18 --backends torch,ort,openvino --precisions fp32,int8 \
-		--batch-sizes 1,8 --warmup 3 --min-time 1 --threads 2 --report $(OUT)/bench-ci
+	$(BENCH_CI) --report $(OUT)/bench-ci --baseline benchmarks/baselines --max-regression $(BENCH_CI_TOLERANCE)
+
+# Refresh the CI baseline of this machine's CPU class on purpose: run it, then commit the file it names.
+bench-baseline: $(STAMP)
+	$(BENCH_CI) --report $(OUT)/bench-baseline
+	$(BIN)/python -c "import json, shutil, sys; from resnet_export.baseline import cpu_class; \
+		r = json.load(open('$(OUT)/bench-baseline/report.json')); \
+		target = 'benchmarks/baselines/bench-ci-' + cpu_class(r['environment']) + '.json'; \
+		shutil.copyfile('$(OUT)/bench-baseline/report.json', target); print('baseline written:', target)"
 
 # The full CPU matrix on resnet50 (several minutes); see benchmarks/README.md for GPUs.
 bench: $(STAMP)

@@ -148,6 +148,7 @@ def environment(threads: int | None) -> dict:
     info = cpu_info()
     return {
         "cpu": info["model"] or info["arch"],
+        "arch": info["arch"],
         "cores": info["cores"],
         "cpu_flags": info["flags"],
         "threads_requested": threads,
@@ -407,7 +408,7 @@ def _add_speedups(rows: list[Row]) -> None:
 
 
 def prepare_report(folder: Path) -> None:
-    """Create the report folder, or raise OutputError when it cannot be written."""
+    """Create the report folder, or raise OutputError when it cannot be written (the CLI's check before any work)."""
     from .manifest import check_writable_dir
 
     try:
@@ -418,33 +419,55 @@ def prepare_report(folder: Path) -> None:
 
 
 def run_benchmark(loaded: LoadedModel, report: Path, backends: tuple[str, ...], precisions: tuple[str, ...],
-                  settings: Settings, calib: Path | None = None, calib_size: int = 64, seed: int = 0) -> dict[str, Path]:
+                  settings: Settings, calib: Path | None = None, calib_size: int = 64, seed: int = 0,
+                  baseline: Path | None = None, max_regression: float = 15.0) -> tuple[dict[str, Path], object]:
     """``resnet-export bench``: run the matrix (INT8 calibrated on ``calib`` when given) and write the reports.
 
-    Artifacts are built or reused under ``report/artifacts``; returns the report paths by name.
+    Artifacts are built or reused under ``report/artifacts``. With ``baseline`` (a report.json, or a
+    folder holding one per CPU class) the rows are compared with it (``baseline.compare_reports``) and
+    the comparison goes into the reports. Returns the report paths by name and the comparison (or None).
     """
+    from .baseline import compare_reports, find_baseline, load_report
     from .data import calibration_data
 
-    prepare_report(report)
     calibration = None
     if calib:
         calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
     rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
-    return write_reports(rows, env, loaded.name, report)
+    comparison = None
+    if baseline:
+        found = find_baseline(baseline, loaded.name, env)
+        if found is None:
+            from .baseline import cpu_class
+
+            log.warning(f"no baseline of {loaded.name} for CPU class {cpu_class(env)} in {baseline}: nothing compared")
+        else:
+            current = {"model": loaded.name, "environment": env, "rows": [asdict(r) for r in rows]}
+            comparison = compare_reports(current, load_report(found), str(found), max_regression)
+    return write_reports(rows, env, loaded.name, report, comparison), comparison
 
 
 # --------------------------------------------------------------------------- reports
 
 
-def write_reports(rows: list[Row], env: dict, model: str, folder: Path) -> dict[str, Path]:
-    """report.json, report.md, throughput.png and latency.png under ``folder`` (written atomically)."""
+def write_reports(rows: list[Row], env: dict, model: str, folder: Path, comparison=None) -> dict[str, Path]:
+    """report.json, report.md, throughput.png and latency.png under ``folder`` (written atomically).
+
+    ``comparison`` (a ``baseline.Comparison``) is recorded in report.json and appended to report.md.
+    """
     from .manifest import atomic_output, write_json
 
+    folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in ("report.json", "report.md", "throughput.png", "latency.png")}
-    write_json(paths["report.json"], {"schema_version": SCHEMA_VERSION, "model": model, "environment": env,
-                                      "rows": [asdict(r) for r in rows]})
+    import datetime
+
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_json(paths["report.json"], {"schema_version": SCHEMA_VERSION, "model": model, "created": created,
+                                      "environment": env,
+                                      "rows": [asdict(r) for r in rows],
+                                      "compared_with": comparison.to_dict() if comparison else None})
     with atomic_output(paths["report.md"]) as tmp:
-        tmp.write_text(markdown_report(rows, env, model))
+        tmp.write_text(markdown_report(rows, env, model) + (f"\n{comparison.markdown()}" if comparison else ""))
     for name, draw in (("throughput.png", _throughput_chart), ("latency.png", _latency_chart)):
         with atomic_output(paths[name]) as tmp:
             draw(rows, model, tmp)

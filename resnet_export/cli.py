@@ -221,7 +221,10 @@ def fold(source, no_verify, stated, output) -> None:
 
 
 def precision_options(command):
-    """Add the options shared by ``quantize`` and ``trt``: precision, calibration, gates."""
+    """Add the options shared by ``quantize`` and ``trt``: precision, calibration, gates.
+
+    The command receives ``make_request(required, **more)``, which builds the PrecisionRequest.
+    """
     options = (
         click.option("--fp16", is_flag=True, help="FP16 via ModelOpt AutoCast (FP32 inputs and outputs kept)."),
         click.option("--int8", is_flag=True, help="INT8 with explicit Q/DQ nodes, calibrated on --calib."),
@@ -236,19 +239,26 @@ def precision_options(command):
         click.option("--rest", type=click.Choice(["auto", "fp16", "fp32"]), default="auto", show_default=True,
                      help="INT8 for TensorRT: precision of the non-quantized part; auto tries FP16, then FP32 if the gate is missed."),
     )
-    return _with_options(options, command)
 
+    @functools.wraps(command)
+    def wrapper(fp16, int8, calib, calib_method, calib_size, val, min_agreement, min_cosine, max_accuracy_drop, rest,
+                **kwargs):
+        def request(required: bool, **more):
+            """The PrecisionRequest of these options and the command's own (target, seed, ...)."""
+            from .pipeline import PrecisionRequest
+            from .precision import PrecisionError
 
-def _precision_request(fp16: bool, int8: bool, required: bool, **settings):
-    """The PrecisionRequest of the precision flags and the options shared by ``quantize`` and ``trt``."""
-    from .pipeline import PrecisionRequest
-    from .precision import PrecisionError
+            if fp16 and int8:
+                raise PrecisionError("--fp16 and --int8 exclude each other: choose one")
+            if required and not (fp16 or int8):
+                raise PrecisionError("choose a precision: --fp16, or --int8 --calib DIR")
+            return PrecisionRequest("int8" if int8 else "fp16" if fp16 else "fp32", calib=calib, method=calib_method,
+                                    calib_size=calib_size, val=val, min_agreement=min_agreement,
+                                    min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest, **more)
 
-    if fp16 and int8:
-        raise PrecisionError("--fp16 and --int8 exclude each other: choose one")
-    if required and not (fp16 or int8):
-        raise PrecisionError("choose a precision: --fp16, or --int8 --calib DIR")
-    return PrecisionRequest("int8" if int8 else "fp16" if fp16 else "fp32", **settings)
+        return command(make_request=request, **kwargs)
+
+    return _with_options(options, wrapper)
 
 
 def _precision_line(result) -> str:
@@ -287,19 +297,15 @@ def _precision_line(result) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration choice and random inputs.")
 @foreign_preprocessing_options
 @_output_option("OUT.onnx")
-def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agreement, min_cosine, max_accuracy_drop,
-             rest, target, cpu_form, seed, stated, output):
+def quantize(source, make_request, target, cpu_form, seed, stated, output):
     """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it.
 
     For an ONNX made elsewhere, --resize, --interpolation, --mean and --std state its preprocessing.
     """
     from .pipeline import foreign_preprocessing, precision_from_onnx
 
-    request = _precision_request(fp16, int8, True, calib=calib, target=target, method=calib_method,
-                                 calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
-                                 min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest,
-                                 cpu_form=cpu_form)
-    result = precision_from_onnx(source, output, request, preprocessing=foreign_preprocessing(source, stated))
+    result = precision_from_onnx(source, output, make_request(True, target=target, seed=seed, cpu_form=cpu_form),
+                                 preprocessing=foreign_preprocessing(source, stated))
     click.echo(f"{source} -> {output}: {_precision_line(result)}")
 
 
@@ -317,17 +323,13 @@ def quantize(source, fp16, int8, calib, calib_method, calib_size, val, min_agree
 @click.option("--hardware-compat", is_flag=True, help="Build a plan that runs on any Ampere or newer GPU.")
 @click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
 @_output_option("OUT.plan")
-def trt(onnx_path, load, seed, fp16, int8, calib, calib_method, calib_size, val, min_agreement, min_cosine,
-        max_accuracy_drop, rest,
-        min_batch, opt_batch, max_batch, workspace, timing_cache, builder_opt_level, version_compatible,
-        hardware_compat, onnx_only, output):
+def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, workspace, timing_cache,
+        builder_opt_level, version_compatible, hardware_compat, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
     from .pipeline import trt_from_source
     from .trt import BatchProfile, BuildOptions, check_profile
 
-    request = _precision_request(fp16, int8, False, calib=calib, target="trt", method=calib_method,
-                                 calib_size=calib_size, seed=seed, val=val, min_agreement=min_agreement,
-                                 min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest)
+    request = make_request(False, target="trt", seed=seed)
     profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
                            version_compatible, hardware_compat)
@@ -374,7 +376,8 @@ def verify_command(artifact, load, seed, images, precision):
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to keep per image.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Images per inference batch.")
 @click.option("--backend", type=click.Choice(["ort", "openvino", "trt"]),
-              help="ort (CUDA provider when present) or openvino for an ONNX; trt for a plan (default: by suffix).")
+              help="ort (CUDA provider when present) or openvino for an ONNX; trt for a plan (default: trt for a plan, "
+                   "openvino for a CPU-target INT8 ONNX without a GPU where installed, the faster there, else ort).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run on Ray Data: --ray (a local cluster), --ray auto, or --ray ray://HOST:10001.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -399,6 +402,19 @@ def predict(artifact, images, top_k, batch, backend, ray_address, workers, resum
     if result.images_per_second:
         line += f"; {result.images_per_second:.1f} img/s"
     click.echo(line)
+
+
+@main.command()
+@click.argument("reports", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for trend.md and trend.png.")
+def trend(reports, output):
+    """Turn a folder of bench reports (report.json, any depth) into a trend of speed-up and agreement per row."""
+    from .baseline import trend as write_trend
+
+    paths = write_trend(reports, output)
+    click.echo(paths["trend.md"].read_text())
+    click.echo(f"Trend: {', '.join(str(p) for p in paths.values())}")
 
 
 @main.command()
@@ -455,14 +471,24 @@ def inspect(artifact, as_json):
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: report.json, report.md, throughput.png, latency.png; artifacts/ inside.")
-def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, threads, calib, calib_size, report):
+@click.option("--baseline", type=click.Path(exists=True, path_type=Path),
+              help="A report.json to compare with, or a folder of them (the one of this model and CPU class).")
+@click.option("--max-regression", type=click.FloatRange(min=0), default=15.0, show_default=True, metavar="PCT",
+              help="With --baseline: speed-up (or, same environment, img/s) drop that fails the run (exit 3).")
+def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, threads, calib, calib_size, report,
+          baseline, max_regression):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
     from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, prepare_report, run_benchmark
+    from .errors import GateFailed
 
     backends = parse_list(backends, BACKENDS, "backend")
     precisions = parse_list(precisions, PRECISIONS, "precision")
     settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads)
     prepare_report(report)  # before the model loads: a bad folder fails at once
-    paths = run_benchmark(load(), report, backends, precisions, settings, calib, calib_size, seed)
+    paths, comparison = run_benchmark(load(), report, backends, precisions, settings, calib, calib_size, seed,
+                                      baseline, max_regression)
     click.echo(paths["report.md"].read_text())
     click.echo(f"Reports: {', '.join(str(p) for p in paths.values())}")
+    if comparison and comparison.regressions:
+        rows = "; ".join(f"{c.row} {c.measure} {c.baseline:.4g} -> {c.now:.4g} ({c.change})" for c in comparison.regressions)
+        raise GateFailed(f"{len(comparison.regressions)} regression(s) against {comparison.baseline}: {rows}")

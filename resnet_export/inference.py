@@ -27,7 +27,7 @@ def open_artifact(artifact: Path, backend: str | None = None):
         raise DataError(f"{artifact}: expected an .onnx file or a TensorRT .plan")
     if not artifact.is_file():
         raise DataError(f"{artifact} not found")
-    backend = backend or ("ort" if is_onnx else "trt")
+    backend = backend or (default_onnx_backend(artifact) if is_onnx else "trt")
     if backend not in BACKENDS:
         raise DataError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if is_onnx == (backend == "trt"):
@@ -46,6 +46,23 @@ def open_artifact(artifact: Path, backend: str | None = None):
         precision = read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
         return OpenVinoRunner(artifact, precision, None), spec, backend
     return OrtRunner(artifact, _ort_providers()), spec, backend
+
+
+def default_onnx_backend(artifact: Path) -> str:
+    """ort, or openvino for a CPU-target INT8 ONNX on a machine without a CUDA GPU when OpenVINO is installed.
+
+    On the same INT8 file OpenVINO ran 1.05-1.1x ONNX Runtime's speed on AVX2 machines and 2-3x on an
+    AMX one, where ONNX Runtime spends 91% of its time in QLinearConv kernels no session option changes
+    (benchmarks/README.md, "ONNX Runtime and OpenVINO on the same INT8 file").
+    """
+    import importlib.util
+
+    precision = read_metadata(artifact).get("precision", {})
+    if precision.get("dtype") != "int8" or precision.get("target") != "cpu":
+        return "ort"
+    if importlib.util.find_spec("openvino") is None or "CUDAExecutionProvider" in _ort_providers():
+        return "ort"
+    return "openvino"
 
 
 def _ort_providers() -> tuple[str, ...]:

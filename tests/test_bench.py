@@ -217,3 +217,58 @@ def test_bench_artifacts_pass_their_gates_and_a_failed_one_is_rebuilt(tmp_path):
     assert run(*args).exit_code == 0
     assert (folder / "fp32.onnx").stat().st_mtime_ns != before  # rebuilt, and verified again
     assert json.loads(fp32.read_text())["verification"]["passed"]
+
+
+def test_comparison_logic_on_reports():
+    from resnet_export.baseline import compare_reports, cpu_class
+
+    env = {"cpu": "Xeon", "arch": "x86_64", "cores": 2, "cpu_flags": ["avx2", "avx512_vnni"], "threads_requested": 2}
+    rows = [{"backend": "torch", "precision": "fp32", "batch": 8, "timing": "wall", "status": "ok", "throughput": 10.0,
+             "speedup_vs_torch": 1.0, "top1_agreement": 1.0, "max_abs_err": 1e-5},
+            {"backend": "ort", "precision": "int8", "batch": 8, "timing": "wall", "status": "ok", "throughput": 50.0,
+             "speedup_vs_torch": 5.0, "top1_agreement": 0.99, "max_abs_err": 0.05}]
+    report = {"model": "resnet18", "environment": env, "rows": rows}
+    assert cpu_class(env) == "x86_64-avx512_vnni-2c"
+    same = compare_reports(report, report, "itself")
+    assert not same.regressions and not same.improvements and same.measures[:2] == ["speed-up vs torch", "img/s"]
+    slower = {**report, "rows": [rows[0], {**rows[1], "speedup_vs_torch": 2.5, "throughput": 25.0, "top1_agreement": 0.9}]}
+    found = compare_reports(slower, report, "base")
+    assert {(c.row, c.measure) for c in found.regressions} == {
+        ("ort int8 b8 (wall)", "speed-up vs torch"), ("ort int8 b8 (wall)", "img/s"), ("ort int8 b8 (wall)", "top-1 agreement")}
+    assert found.regressions[0].change == "-50%" and "| ort int8 b8 (wall) |" in found.markdown()
+    assert {(c.row, c.measure) for c in compare_reports(report, slower, "base").improvements} == {
+        ("ort int8 b8 (wall)", "speed-up vs torch"), ("ort int8 b8 (wall)", "img/s"), ("ort int8 b8 (wall)", "top-1 agreement")}
+    other = {**report, "environment": {**env, "cpu_flags": ["avx2"], "cores": 64}}
+    fidelity_only = compare_reports(slower, other, "elsewhere")
+    assert not fidelity_only.same_class and fidelity_only.measures == ["top-1 agreement", "max abs err"]
+    assert [c.measure for c in fidelity_only.regressions] == ["top-1 agreement"]
+
+
+@pytest.mark.slow
+def test_bench_baseline_gates_regressions_by_row(tmp_path):
+    from .test_cli import run
+
+    args = ["bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,ort",
+            "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "1", "--iters", "5"]
+    assert run(*args, "--report", tmp_path / "base").exit_code == 0
+    base = tmp_path / "base" / "report.json"
+    again = run(*args, "--report", tmp_path / "again", "--baseline", base, "--max-regression", "80")
+    assert again.exit_code == 0, again.output  # the same machine against its own fresh baseline (noise < 80%)
+    assert "## Compared with" in again.stdout and json.loads((tmp_path / "again" / "report.json").read_text())["compared_with"]
+    faster = json.loads(base.read_text())
+    for row in faster["rows"]:
+        if row["backend"] == "ort":
+            row["speedup_vs_torch"] *= 3
+    doctored = tmp_path / "faster.json"
+    doctored.write_text(json.dumps(faster))
+    slow = run(*args, "--report", tmp_path / "slow", "--baseline", doctored)
+    assert slow.exit_code == 3 and "regression(s) against" in slow.stderr and "ort fp32 b2" in slow.stderr
+    elsewhere = {**faster, "environment": {**faster["environment"], "cpu_flags": ["avx2"], "cores": 64}}
+    (tmp_path / "other.json").write_text(json.dumps(elsewhere))
+    other = run(*args, "--report", tmp_path / "other", "--baseline", tmp_path / "other.json")
+    assert other.exit_code == 0, other.output
+    assert "comparing fidelity only" in other.stderr and "fidelity only" in other.stdout
+    trend = run("trend", tmp_path, "-o", tmp_path / "trend")  # base, again, slow, other (+ the doctored copies' dirs)
+    assert trend.exit_code == 0, trend.output
+    assert "4 reports under" in trend.stdout and "| ort fp32 b2 (wall clock, CPU) | speed-up vs torch |" in trend.stdout
+    assert (tmp_path / "trend" / "trend.png").read_bytes()[:4] == b"\x89PNG"

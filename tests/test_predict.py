@@ -191,3 +191,19 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
     whole = tmp_path / "whole.csv"
     assert subprocess.run([*command[:-1], str(whole)], capture_output=True, timeout=300).returncode == 0
     assert out.read_text() == whole.read_text()  # each image once, the same rows
+
+
+@pytest.mark.slow
+def test_a_cpu_int8_onnx_runs_on_openvino_by_default_and_says_so(resnet18_onnx, tmp_path):
+    from resnet_export.inference import default_onnx_backend
+    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+
+    int8 = precision_from_onnx(resnet18_onnx.path, tmp_path / "q.onnx",
+                               PrecisionRequest("int8", IMAGES, "cpu", calib_size=4, min_agreement=0.0,
+                                                max_accuracy_drop=100)).path
+    assert default_onnx_backend(int8) == "openvino" and default_onnx_backend(resnet18_onnx.path) == "ort"
+    result = run("predict", int8, IMAGES, "-o", tmp_path / "p.jsonl")
+    assert result.exit_code == 0, result.output
+    assert "(openvino)" in result.stdout
+    forced = run("predict", int8, IMAGES, "--backend", "ort", "-o", tmp_path / "o.jsonl")
+    assert forced.exit_code == 0 and "(ort)" in forced.stdout
