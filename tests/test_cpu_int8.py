@@ -219,10 +219,11 @@ def test_verify_gates_int8_fidelity_and_applies_the_requested_gate(digits, tmp_p
                      "--input-size", "32"]
     result = run("verify", doctored, *model_options, "--images", digits.val, "--precision", "int8")
     assert result.exit_code == EXIT_GATE_FAILED, result.output
-    assert "min cosine" in result.stderr and "top-1 agreement" not in result.stderr.split("gate:")[1]
+    error = next(line for line in result.stderr.splitlines() if line.startswith("Error: "))
+    assert "failed the INT8 gate" in error and "min cosine" in error and "top-1 agreement" not in error
     good = run("verify", healthy.path, *model_options, "--images", digits.val)  # the INT8 gate, from its metadata
     assert good.exit_code == 0, good.output
-    assert "INT8 vs PyTorch" in good.stdout and "fused vs exact Q/DQ on this CPU" in good.stdout
+    assert "INT8 (from its manifest) vs PyTorch" in good.stdout and "fused vs exact Q/DQ on this CPU" in good.stdout
     assert "when made (" in good.stdout
     strict = run("verify", healthy.path, *model_options, "--images", digits.val, "--precision", "fp32")
     assert strict.exit_code == EXIT_GATE_FAILED and "failed the FP32 gate" in strict.stderr  # the gate asked for
