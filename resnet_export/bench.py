@@ -252,16 +252,35 @@ class Artifacts:
         return path
 
     def engine(self, precision: str, max_batch: int) -> Path:
-        """The TensorRT plan for ``precision`` with a 1..``max_batch`` profile (timing cache shared)."""
+        """The TensorRT plan for ``precision`` with a 1..``max_batch`` profile, built for this TensorRT and GPU."""
         from .pipeline import engine_from_onnx
-        from .trt import BatchProfile, BuildOptions
+        from .trt import BatchProfile, BuildOptions, runtime_info
 
-        suffix = f"-{self.calib_key}" if precision == "int8" else ""
-        plan = self.folder / f"{precision}{suffix}-b{max_batch}.plan"
-        if not plan.is_file():
+        running = runtime_info()
+        plan, cache = self.engine_files(precision, max_batch, running)
+        if not self.reusable(plan, running):
             engine_from_onnx(self.onnx(precision, "trt"), plan, profile=BatchProfile(1, max_batch, max_batch),
-                             options=BuildOptions(timing_cache=str(self.folder / "timing.cache")))
+                             options=BuildOptions(timing_cache=str(cache)))
         return plan
+
+    def engine_files(self, precision: str, max_batch: int, running: dict) -> tuple[Path, Path]:
+        """Where the plan and the timing cache for ``running`` (``runtime_info()``) live.
+
+        Both are named after the TensorRT version and compute capability (``engine_key``): a plan or
+        cache from before an upgrade, or from another GPU sharing the folder, is never picked up.
+        """
+        from .trt import engine_key
+
+        key = engine_key(running)
+        suffix = f"-{self.calib_key}" if precision == "int8" else ""
+        return self.folder / f"{precision}{suffix}-b{max_batch}-{key}.plan", self.folder / f"timing-{key}.cache"
+
+    @staticmethod
+    def reusable(plan: Path, running: dict) -> bool:
+        """Whether ``plan`` passed its gate when built and its manifest says it runs on ``running``."""
+        from .trt import incompatibility, load_manifest
+
+        return _passed(plan) and incompatibility(load_manifest(plan), running) is None
 
 
 def _passed(artifact: Path) -> bool:
@@ -274,7 +293,9 @@ def _passed(artifact: Path) -> bool:
 def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings) -> list[tuple[str, object, Callable | None]]:
     """(timing label, runner, device clock) for a backend x precision.
 
-    With a device clock the runner's ``infer_device`` is timed on a batch already on the GPU; the
+    With a device clock the runner's ``enqueue`` is timed on a batch already on the GPU: it queues the
+    work and returns, and the clock's end event, recorded on the same stream, marks when the GPU is
+    done; no host synchronization falls between the two events, for torch and TensorRT alike. The
     TensorRT backend adds a second row timed with host-device copies.
     """
     from .runners import OpenVinoRunner, OrtRunner, TorchRunner
@@ -315,7 +336,8 @@ class _TorchCudaRunner:
         self.module = copy.deepcopy(module).half().cuda().eval()
         self.name = "torch-cuda-fp16"
 
-    def infer_device(self, batch):
+    def enqueue(self, batch):
+        """Queue the forward pass on torch's current stream; returns without waiting for the GPU."""
         import torch
 
         with torch.no_grad():
@@ -324,7 +346,7 @@ class _TorchCudaRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        return self.infer_device(torch.from_numpy(batch).cuda()).float().cpu().numpy()
+        return self.enqueue(torch.from_numpy(batch).cuda()).float().cpu().numpy()
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -385,11 +407,11 @@ def measure(backend: str, precision: str, batch: int, label: str, runner, clock,
     try:
         metrics = compare(expected, runner.infer(x))
         row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
-        if clock is not None:  # device-resident input; the runner's infer_device is what is timed
+        if clock is not None:  # device-resident input; the runner's enqueue is what is timed, between events
             import torch
 
             device_x = torch.from_numpy(x).cuda()
-            timings = time_calls(lambda: runner.infer_device(device_x), settings, clock)
+            timings = time_calls(lambda: runner.enqueue(device_x), settings, clock)
         else:
             timings = time_calls(lambda: runner.infer(x), settings)
         row.iterations = len(timings)

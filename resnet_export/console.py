@@ -118,3 +118,24 @@ def print_description(info: dict) -> None:
     engine = info.get("engine") or {}
     if engine.get("unavailable"):
         out.print(f"[bold]Engine[/bold]: {escape(engine['unavailable'])}")
+    elif "layers" in engine:
+        print_layers(out, engine["layers"], engine.get("convolutions"))
+
+
+def print_layers(out, layers: list[dict] | None, convolutions: dict | None) -> None:
+    """A plan's layers with the precisions they run in (``trt.engine_layers``), and its convolutions by precision."""
+    from rich.table import Table
+
+    if layers is None:
+        out.print("[bold]Layers[/bold]: names only (the plan was built without detailed profiling verbosity); "
+                  "rebuild it with `resnet-export trt` to see each layer's precision")
+        return
+    grid = Table(title=f"Layers ({len(layers)})", title_justify="left", title_style="bold")
+    for column in ("layer", "type", "inputs", "outputs", "tactic"):
+        grid.add_column(column)
+    for layer in layers:
+        grid.add_row(escape(layer["name"]), escape(layer["type"]), ", ".join(layer["inputs"]),
+                     ", ".join(layer["outputs"]), escape(str(layer["tactic"])))
+    out.print(grid)
+    out.print("[bold]Convolutions by input precision[/bold]: "
+              + (", ".join(f"{p} {n}" for p, n in convolutions.items()) if convolutions else "none found"))

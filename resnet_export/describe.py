@@ -49,7 +49,13 @@ def _describe_onnx(path: Path) -> dict:
 
 
 def _describe_engine(path: Path) -> dict:
-    from .trt import TrtRunner, unavailable_reason
+    """The plan as TensorRT reads it: I/O, profile, and each layer with its precisions and tactic.
+
+    The inspector is given a context whose input shape is set (the profile's opt batch): with dynamic
+    shapes and no context it reports "N/A due to dynamic shapes" instead of formats (TensorRT
+    developer guide, "Engine Inspector").
+    """
+    from .trt import TrtRunner, convolution_precisions, engine_layers, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
@@ -59,11 +65,15 @@ def _describe_engine(path: Path) -> dict:
     runner = TrtRunner(path)
     engine = runner.engine
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    profile = [list(s) for s in engine.get_tensor_profile_shape(runner.input_name, 0)]
+    runner.context.set_input_shape(runner.input_name, profile[1])
     inspector = engine.create_engine_inspector()
-    layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    inspector.execution_context = runner.context
+    layers = engine_layers(json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON)))
     return {
-        "io": [{"name": n, "mode": str(engine.get_tensor_mode(n)), "dtype": str(engine.get_tensor_dtype(n)),
+        "io": [{"name": n, "mode": engine.get_tensor_mode(n).name, "dtype": engine.get_tensor_dtype(n).name,
                 "shape": list(engine.get_tensor_shape(n))} for n in names],
-        "profile": [list(s) for s in engine.get_tensor_profile_shape(runner.input_name, 0)],
+        "profile": profile,
         "layers": layers,
+        "convolutions": convolution_precisions(layers) if layers is not None else None,
     }

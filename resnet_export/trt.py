@@ -9,11 +9,14 @@ ignored on 11; no removed flag (FP16, INT8, calibrators) is ever set.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -171,6 +174,60 @@ def write_timing_cache(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def merge_timing_cache(path: str | Path, merge: Callable[[bytes], bytes]) -> None:
+    """Write ``merge(what the file holds now)`` to the timing cache at ``path``, holding a lock throughout.
+
+    As Polygraphy's EngineBytesFromNetwork saves a cache (backend/trt/loader.py: ``util.LockFile``, load,
+    ``combine``, save): a build that only wrote its own cache would drop the entries another build
+    saved meanwhile. The lock is a POSIX advisory lock on ``PATH.lock``; reads need none because every
+    write is a rename.
+    """
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        write_timing_cache(path, merge(read_timing_cache(path)))
+
+
+def engine_key(runtime: dict) -> str:
+    """What a plan or timing cache is tied to, for file names: TensorRT version and compute capability."""
+    return f"trt{runtime['tensorrt']}-sm{runtime['compute_capability'].replace('.', '')}"
+
+
+#: Tokens of TensorRT's "Format/Datatype" strings (engine inspector, DETAILED) and the precision each names;
+#: bf16 before fp16, fp16 before "float" ("bfloat16", "Half"), as NVIDIA's formats spell them.
+FORMAT_PRECISIONS = (("int8", "INT8"), ("fp8", "FP8"), ("bf16", "BF16"), ("bfloat16", "BF16"), ("fp16", "FP16"),
+                     ("half", "FP16"), ("fp32", "FP32"), ("float", "FP32"), ("int32", "INT32"), ("int64", "INT64"),
+                     ("bool", "BOOL"))
+
+
+def format_precision(text: str) -> str:
+    """The precision a TensorRT tensor format names (``Channel major FP16 format ...`` -> FP16); else the text."""
+    lowered = text.lower()
+    return next((name for token, name in FORMAT_PRECISIONS if token in lowered), text or "?")
+
+
+def engine_layers(information: dict) -> list[dict] | None:
+    """Each layer of an engine inspector's JSON (``get_engine_information``) as name, type, the precisions
+    of its inputs and outputs, and its tactic; None for a plan built without DETAILED profiling
+    verbosity, whose inspector lists layer names only (TensorRT developer guide, "Engine Inspector")."""
+    layers = information.get("Layers", [])
+    if not layers or not all(isinstance(layer, dict) for layer in layers):
+        return None
+
+    def precisions(tensors: list[dict]) -> list[str]:
+        return [format_precision(t.get("Format/Datatype", "")) for t in tensors]
+
+    return [{"name": layer.get("Name", ""), "type": layer.get("LayerType", ""),
+             "inputs": precisions(layer.get("Inputs", [])), "outputs": precisions(layer.get("Outputs", [])),
+             "tactic": layer.get("TacticName") or layer.get("TacticValue") or ""} for layer in layers]
+
+
+def convolution_precisions(layers: list[dict]) -> dict[str, int]:
+    """How many convolution layers take each input precision: where the INT8 convs of a Q/DQ model show."""
+    return dict(Counter(layer["inputs"][0] for layer in layers if "Convolution" in layer["type"] and layer["inputs"]))
+
+
 # --------------------------------------------------------------------------- TensorRT
 
 
@@ -238,7 +295,10 @@ class BuildOptions:
     hardware_compatible: bool = False
 
 
-def _logger():
+@functools.cache
+def logger():
+    """The process's one TensorRT logger, shared by every Builder and Runtime (Polygraphy's
+    ``get_trt_logger``, backend/trt/util.py, keeps one the same way)."""
     import tensorrt as trt
 
     return trt.Logger(trt.Logger.WARNING)
@@ -295,13 +355,15 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     onnx_path, output = Path(onnx_path), Path(output)
     input_name, onnx_batch, chw = onnx_io(onnx_path)
     profile = check_profile(profile, onnx_batch)
-    logger = _logger()
-    builder = trt.Builder(logger)
-    network, _parser = _strongly_typed_network(builder, onnx_path, logger)
+    builder = trt.Builder(logger())
+    network, _parser = _strongly_typed_network(builder, onnx_path, logger())
     config = builder.create_builder_config()
     # TF32 is on by default; Polygraphy's CreateConfig clears it unless asked (backend/trt/config.py), so
     # FP32 layers compute in FP32 and the FP32 gate compares like with like.
     config.clear_flag(trt.BuilderFlag.TF32)
+    # Layer formats and tactics in the plan, so that `inspect` shows each layer's precision (Polygraphy's
+    # CreateConfig defaults to DETAILED too; the default, LAYER_NAMES_ONLY, keeps names only).
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     shapes = profile.shapes(chw)
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
@@ -332,7 +394,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     with atomic_output(output) as tmp:
         tmp.write_bytes(bytes(plan))
     if options.timing_cache:
-        write_timing_cache(options.timing_cache, bytes(cache.serialize()))
+        merge_timing_cache(options.timing_cache, functools.partial(_combined_cache, config, cache))
     return EngineBuild(
         **runtime_info(),
         onnx=str(onnx_path),
@@ -343,6 +405,17 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
         options=asdict(options),
         io=network_io(network),
     )
+
+
+def _combined_cache(config, cache, saved: bytes) -> bytes:
+    """``cache`` with the entries of the ``saved`` bytes another build wrote meanwhile, serialized."""
+    if saved:
+        other = config.create_timing_cache(saved)
+        # ITimingCache::combine returns false when the other cache is from another TensorRT or GPU (NvInfer.h).
+        if other is None or not cache.combine(other, ignore_mismatch=False):
+            log.warning("the timing cache on disk could not be merged (another TensorRT or GPU wrote it): "
+                        "it is replaced by this build's")
+    return bytes(cache.serialize())
 
 
 def network_io(network) -> list[dict]:
@@ -362,9 +435,10 @@ class TrtRunner:
     """A TensorRT plan as a Runner: numpy in, numpy out, torch CUDA tensors as buffers.
 
     The manifest (``manifest``, else the plan's sidecar) is checked against this machine before
-    deserializing, so a plan from another TensorRT version or GPU fails with a clear message.
-    ``cuda_graph=True`` captures the enqueue once per input shape, each in its own execution context
-    with its own input and output buffers, and replays it.
+    deserializing, so a plan from another TensorRT version or GPU fails with a clear message. Every
+    execution context of the runner draws on one activation block (``scratch``): they all run in
+    order on the runner's stream. ``cuda_graph=True`` captures the enqueue once per input shape, each
+    in its own context with its own input and output buffers, and replays it.
     """
 
     def __init__(self, plan: str | Path, cuda_graph: bool = False, manifest: dict | None = None):
@@ -381,7 +455,7 @@ class TrtRunner:
             if problem:
                 raise EngineError(f"{plan} cannot run here: {problem}; rebuild it here with: "
                                   f"resnet-export trt --onnx {manifest.get('onnx', 'MODEL.onnx')} -o {plan}")
-        self.runtime = trt.Runtime(_logger())
+        self.runtime = trt.Runtime(logger())
         if manifest and manifest.get("options", {}).get("version_compatible"):
             # A version-compatible plan carries its own runtime code; the runtime must be allowed to
             # run it before deserializing (sampleEngines.cpp; Polygraphy's EngineFromBytes does the same).
@@ -393,6 +467,9 @@ class TrtRunner:
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self._dtypes = {n: getattr(torch, torch_dtype_name(self.engine.get_tensor_dtype(n).name, n)) for n in names}
+        # device_memory_size_v2: what one context needs, for every profile (pyCore.cpp binds getDeviceMemorySizeV2).
+        # torch's CUDA blocks are 512-byte aligned, above the 256 bytes TensorRT asks of this memory.
+        self.scratch = torch.empty(max(1, self.engine.device_memory_size_v2), dtype=torch.uint8, device="cuda")
         self.context = self._new_context()
         self.stream = torch.cuda.Stream()
         self.cuda_graph = cuda_graph
@@ -400,9 +477,21 @@ class TrtRunner:
         self.name = f"trt:{plan.name}"
 
     def _new_context(self):
-        context = self.engine.create_execution_context()
+        """An execution context on the shared ``scratch`` block.
+
+        The default allocation (STATIC) gives every context a block of its own, sized for all profiles,
+        so each captured shape would cost a full activation block. USER_MANAGED contexts take the
+        memory they are given (NvInferRuntime.h, ExecutionContextAllocationStrategy); sharing one is
+        safe because this runner's contexts never run at the same time: all enqueue and replay in
+        order on ``self.stream``. ``set_device_memory(memory, size)`` is pyCore.cpp's binding of
+        setDeviceMemoryV2.
+        """
+        import tensorrt as trt
+
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:  # createExecutionContext returns nullptr, e.g. when device memory runs out
             raise EngineError("TensorRT could not create an execution context (see the TensorRT log above)")
+        context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         return context
 
     def _bind(self, context, batch, shape: tuple[int, ...]):
@@ -422,29 +511,38 @@ class TrtRunner:
                 raise EngineError(f"TensorRT refused the buffer address of '{name}' (it must be 256-byte aligned)")
         return out
 
-    def infer_device(self, batch):
-        """Run a CUDA tensor already on the device; returns the CUDA output tensor (no host copies).
+    def enqueue(self, batch):
+        """Queue a run of a CUDA tensor on ``self.stream`` and return its output tensor without waiting.
 
-        The tensor returned belongs to the caller: with CUDA graphs it is a copy of the graph's buffer.
+        The output is complete once ``self.stream`` has reached this point: synchronize the stream, or
+        make another stream wait on it, before reading it (``infer_device`` synchronizes). What the
+        benchmark times with CUDA events recorded on ``self.stream``. The tensor returned belongs to
+        the caller: with CUDA graphs it is a copy of the graph's buffer.
         """
         import torch
 
         shape = tuple(batch.shape)
-        # The input was made (and cast) on torch's current stream: order the engine's stream after it.
+        # The input was made (and cast) on torch's current stream: order the engine's stream after it, and
+        # keep its memory from being reused before the engine's stream has read it.
         self.stream.wait_stream(torch.cuda.current_stream())
+        batch.record_stream(self.stream)
         with torch.cuda.stream(self.stream):
             batch = batch.to(self._dtypes[self.input_name]).contiguous()
             if self.cuda_graph and shape in self._graphs:
                 graph, static_in, static_out = self._graphs[shape][1:]
                 static_in.copy_(batch)
                 graph.replay()
-                out = static_out.clone()
-            elif self.cuda_graph:
-                out = self._capture(batch, shape)
-            else:
-                out = self._bind(self.context, batch, shape)
-                if not self.context.execute_async_v3(self.stream.cuda_stream):
-                    raise EngineError("TensorRT execution failed (see the TensorRT log above)")
+                return static_out.clone()
+            if self.cuda_graph:
+                return self._capture(batch, shape)
+            out = self._bind(self.context, batch, shape)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError("TensorRT execution failed (see the TensorRT log above)")
+            return out
+
+    def infer_device(self, batch):
+        """Run a CUDA tensor already on the device; returns the CUDA output tensor, complete (no host copies)."""
+        out = self.enqueue(batch)
         self.stream.synchronize()
         return out
 
@@ -452,8 +550,10 @@ class TrtRunner:
         """Run once and capture the enqueue for ``shape`` in a context and buffers of its own.
 
         As trtexec does (sampleInference.cpp), a run comes first (TensorRT finishes its lazy set-up
-        outside the capture). A failed capture turns CUDA graphs off for this runner: every shape runs
-        plain enqueues from then on.
+        outside the capture), and the capture is thread-local (sampleDevice.h, ``TrtCudaGraph::beginCapture``:
+        ``cudaStreamCaptureModeThreadLocal``): CUDA calls of other threads, such as ``predict``'s image
+        readers, neither break the capture nor fail. A failed capture turns CUDA graphs off for this
+        runner: every shape runs plain enqueues from then on.
         """
         import torch
 
@@ -464,7 +564,7 @@ class TrtRunner:
             raise EngineError("TensorRT execution failed (see the TensorRT log above)")
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 captured = context.execute_async_v3(self.stream.cuda_stream)
         except RuntimeError:
             captured = False

@@ -180,6 +180,28 @@ def test_artifacts_are_keyed_by_everything_that_defines_the_model(tmp_path):
     assert artifact_key(user, 0) != before  # same path, other content
 
 
+def test_bench_plans_are_keyed_on_tensorrt_and_gpu_and_reused_only_where_they_run(tmp_path):
+    """After a TensorRT upgrade or on another GPU, bench builds a new plan and timing cache instead of
+    failing on the old ones; a plan is reused only when its manifest passed and says it runs here."""
+    from resnet_export.manifest import write_manifest
+    from resnet_export.models import load_model
+
+    artifacts = Artifacts(load_model(arch="resnet18", num_classes=10, input_size=(32, 32)), tmp_path,
+                          np.zeros((2, 3, 32, 32), np.float32))
+    here = {"tensorrt": "10.13.3", "compute_capability": "8.9", "gpu": "NVIDIA L4"}
+    plan, cache = artifacts.engine_files("int8", 8, here)
+    assert plan.name == f"int8-{artifacts.calib_key}-b8-trt10.13.3-sm89.plan" and cache.name == "timing-trt10.13.3-sm89.cache"
+    for other in ({"tensorrt": "11.4.0"}, {"compute_capability": "9.0"}):
+        assert set(artifacts.engine_files("int8", 8, {**here, **other})).isdisjoint({plan, cache})
+    assert not artifacts.reusable(plan, here)  # not built yet
+    plan.write_bytes(b"stand-in: reuse is decided from the manifest")
+    write_manifest(plan, stage="engine", **here, options={}, verification={"passed": True})
+    assert artifacts.reusable(plan, here) and artifacts.reusable(plan, {**here, "gpu": "NVIDIA RTX 4090"})
+    assert not artifacts.reusable(plan, {**here, "tensorrt": "10.13.4"})  # a copied-in plan of another TensorRT
+    write_manifest(plan, stage="engine", **here, options={}, verification={"passed": False})
+    assert not artifacts.reusable(plan, here)  # failed its gate: built again
+
+
 @pytest.mark.slow
 def test_bench_calibrates_on_npy(tmp_path):
     arrays = tmp_path / "calib.npy"

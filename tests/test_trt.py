@@ -98,6 +98,89 @@ def test_timing_cache_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
 
 
+def _save_entry(path: str, entry: str, started) -> None:
+    """One build saving its timing cache: the merge reads what is on disk, takes a while, adds its entry."""
+    import time
+
+    from resnet_export.trt import merge_timing_cache
+
+    def merge(saved: bytes) -> bytes:
+        time.sleep(0.5)  # both builds are inside their save at once unless the lock orders them
+        return b"".join(sorted(set(saved.splitlines(keepends=True)) | {entry.encode() + b"\n"}))
+
+    started.wait()
+    merge_timing_cache(path, merge)
+
+
+def test_concurrent_builds_keep_each_others_timing_cache_entries(tmp_path):
+    """Two processes save at once; without the lock the last writer would drop the other's entry."""
+    import multiprocessing
+
+    cache = tmp_path / "timing.cache"
+    write_timing_cache(cache, b"earlier build\n")
+    context = multiprocessing.get_context("spawn")
+    started = context.Event()
+    builds = [context.Process(target=_save_entry, args=(str(cache), f"build {i}", started)) for i in range(2)]
+    for build in builds:
+        build.start()
+    started.set()
+    for build in builds:
+        build.join(timeout=60)
+        assert build.exitcode == 0
+    assert cache.read_bytes().splitlines() == [b"build 0", b"build 1", b"earlier build"]
+
+
+def test_engine_files_are_keyed_on_tensorrt_and_compute_capability():
+    from resnet_export.trt import engine_key
+
+    assert engine_key(BUILT) == "trt10.13.3-sm89"
+    assert len({engine_key({**BUILT, **other}) for other in
+                ({}, {"tensorrt": "11.4.0"}, {"compute_capability": "9.0"}, {"gpu": "NVIDIA RTX 4090"})}) == 3
+
+
+#: The DETAILED layer record of NVIDIA's TensorRT developer guide ("Engine Inspector"), trimmed: an INT8 conv.
+DETAILED = {"Layers": [
+    {"Name": "node_of_gpu_0/res4_0_branch2a_1 + node_of_gpu_0/res4_0_branch2a_bn_1", "LayerType": "CaskConvolution",
+     "Inputs": [{"Name": "gpu_0/res3_3_branch2c_bn_3", "Dimensions": [16, 512, 28, 28],
+                 "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}],
+     "Outputs": [{"Name": "gpu_0/res4_0_branch2a_bn_2", "Dimensions": [16, 256, 28, 28],
+                  "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}],
+     "ParameterType": "Convolution", "TacticName": "sm80_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32"},
+    {"Name": "fc", "LayerType": "CaskGemmConvolution",
+     "Inputs": [{"Name": "pool", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+     "Outputs": [{"Name": "logits", "Format/Datatype": "Row major linear FP32"}], "TacticValue": "0x0000000000000003"},
+    {"Name": "Reformatting CopyNode for Input Tensor 0", "LayerType": "Reformat",
+     "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear BFloat16 format"}],
+     "Outputs": [{"Name": "y", "Format/Datatype": "N/A due to dynamic shapes"}]},
+], "Bindings": ["input", "logits"]}
+
+
+def test_layer_precisions_are_read_from_the_engine_inspector():
+    from resnet_export.trt import convolution_precisions, engine_layers
+
+    layers = engine_layers(DETAILED)
+    assert [(layer["inputs"], layer["outputs"]) for layer in layers] == [
+        (["INT8"], ["INT8"]), (["FP16"], ["FP32"]), (["BF16"], ["N/A due to dynamic shapes"])]
+    assert layers[0]["tactic"].startswith("sm80_xmma") and layers[1]["tactic"] == "0x0000000000000003"
+    assert convolution_precisions(layers) == {"INT8": 1, "FP16": 1}
+    assert engine_layers({"Layers": ["conv1 + relu", "fc"], "Bindings": []}) is None  # built with names only
+
+
+def test_inspect_report_shows_each_layer_and_the_convs_by_precision():
+    from rich.console import Console
+
+    from resnet_export.console import print_layers
+    from resnet_export.trt import convolution_precisions, engine_layers
+
+    out = Console(record=True, width=200)
+    layers = engine_layers(DETAILED)
+    print_layers(out, layers, convolution_precisions(layers))
+    text = out.export_text()
+    assert "Layers (3)" in text and "CaskConvolution" in text and "Convolutions by input precision: INT8 1, FP16 1" in text
+    print_layers(out, None, None)
+    assert "names only" in out.export_text()
+
+
 @pytest.mark.skipif(REASON is None, reason="TensorRT and a GPU are present")
 def test_verify_a_plan_without_tensorrt_exits_4(tmp_path):
     plan = tmp_path / "x.plan"
@@ -236,3 +319,92 @@ def test_an_unusable_timing_cache_is_a_one_line_error_and_is_kept(resnet18_onnx,
     result = run("trt", "--onnx", resnet18_onnx.path, "--timing-cache", cache, "-o", tmp_path / "r.plan")
     assert_one_line_error(result, "timing cache")
     assert cache.read_bytes() == b"not a timing cache from this TensorRT" and not (tmp_path / "r.plan").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_enqueue_returns_before_the_gpu_is_done_and_infer_device_waits(engines):
+    """What `bench` times between CUDA events: no host synchronization inside the call."""
+    import numpy as np
+
+    from resnet_export.trt import TrtRunner
+
+    runner = TrtRunner(engines["fp32"].path)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 3, 64, 64), dtype=np.float32)).cuda()
+    expected = runner.infer_device(x).cpu()
+    with torch.cuda.stream(runner.stream):
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the engine
+    out = runner.enqueue(x)
+    assert not runner.stream.query()  # returned while the stream still works
+    runner.stream.synchronize()
+    torch.testing.assert_close(out.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_captured_shapes_share_one_activation_block(engines):
+    import numpy as np
+
+    from resnet_export.trt import TrtRunner
+
+    runner = TrtRunner(engines["fp16"].path, cuda_graph=True)
+    block = runner.scratch.numel()
+    runner.infer(np.zeros((1, 3, 64, 64), np.float32))
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    for batch in (2, 4, 8):  # three more contexts and graphs
+        runner.infer(np.zeros((batch, 3, 64, 64), np.float32))
+    torch.cuda.synchronize()
+    assert len(runner._graphs) == 4 and runner.scratch.numel() == block
+    assert free_before - torch.cuda.mem_get_info()[0] < block  # not one block per shape
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_inspect_shows_the_int8_convs_of_an_int8_plan(engines):
+    from resnet_export.describe import describe
+
+    engine = describe(engines["int8"].path)["engine"]
+    assert engine["layers"] and engine["convolutions"].get("INT8", 0) > 0
+    assert not any("N/A" in p for layer in engine["layers"] for p in layer["inputs"] + layer["outputs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_verify_on_another_gpu_says_why_in_one_line(engines, tmp_path):
+    import shutil
+
+    plan = tmp_path / "elsewhere.plan"
+    shutil.copyfile(engines["fp32"].path, plan)
+    manifest = json.loads(engines["fp32"].path.with_name(engines["fp32"].path.name + ".json").read_text())
+    (tmp_path / "elsewhere.plan.json").write_text(json.dumps({**manifest, "compute_capability": "1.0"}))
+    result = run("verify", plan, "--arch", "resnet18", "--num-classes", "5", "--input-size", "64")
+    assert_one_line_error(result, "cannot run here: built with TensorRT")
+    assert "compute capability 1.0" in result.output and "GPU mismatch" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_concurrent_builds_merge_their_timing_caches(engines, tmp_path):
+    """Two `trt` builds at once into one cache end with more entries than either alone."""
+    import subprocess
+    import sys
+
+    sources = [engines[p].record.onnx for p in ("fp32", "fp16")]
+
+    def build(onnx, cache, out):
+        return subprocess.Popen([sys.executable, "-m", "resnet_export", "trt", "--onnx", onnx, "--timing-cache",
+                                 cache, "--max-batch", "8", "-o", out])
+
+    alone = []
+    for i, onnx in enumerate(sources):
+        assert build(onnx, tmp_path / f"alone{i}.cache", tmp_path / f"alone{i}.plan").wait() == 0
+        alone.append((tmp_path / f"alone{i}.cache").stat().st_size)
+    both = [build(onnx, tmp_path / "shared.cache", tmp_path / f"both{i}.plan") for i, onnx in enumerate(sources)]
+    assert [p.wait() for p in both] == [0, 0]
+    assert (tmp_path / "shared.cache").stat().st_size > max(alone)
