@@ -7,6 +7,14 @@ users trip on (Triton server issues #4445, #7056, #5013, #5866; onnxruntime_back
 ``max_batch_size > 0`` dims leave out the batch axis and every input and output must have a dynamic
 dim 0; a fixed-batch model gets ``max_batch_size: 0`` and full dims; a plan's ``max_batch_size`` stays
 inside its profile and runs on a GPU instance of its compute capability.
+
+A plan is served as it was built (its manifest says how): one tied to its GPU is ``model.<cc>.plan``,
+named only under ``cc_model_filenames``, so that Triton on another GPU finds no file instead of
+falling back to the default name (``BackendModelInstance`` takes ``default_model_filename`` unless
+the GPU's compute capability is in the map; the TensorRT backend then defaults to ``model.plan``);
+a version-compatible one loads only when the server runs with
+``--backend-config=tensorrt,version-compatible=true`` (tensorrt_backend README; loader.cc calls
+``setEngineHostCodeAllowed`` only then), which no config.pbtxt can say: its README and a warning do.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ TRT_TYPES = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "IN
              "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL"}
 KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DEFAULT_MAX_BATCH = 8
+#: The server option without which Triton's TensorRT backend refuses a version-compatible plan (tensorrt_backend README).
+VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
 
 
 class TritonError(ResnetExportError):
@@ -81,8 +91,24 @@ class Served:
     preprocessing: dict | None
     class_names: list[str] | None
     profile: dict | None = None  # a plan's: input name, min/opt/max shapes
-    compute_capability: str | None = None
-    extra: dict = field(default_factory=dict)
+    build: dict = field(default_factory=dict)  # a plan's: tensorrt, gpu, compute_capability, options
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """A plan's batch when its profile pins it (min = max), else None."""
+        if not self.profile or self.profile["min"][0] != self.profile["max"][0]:
+            return None
+        return self.profile["min"][0]
+
+    @property
+    def model_filename(self) -> str:
+        """The file name in the version folder: ``model.<cc>.plan`` for a plan tied to its compute capability."""
+        if self.kind == "onnx":
+            return "model.onnx"
+        cc = self.build.get("compute_capability")
+        if not cc or self.build.get("options", {}).get("hardware_compatible"):
+            return "model.plan"
+        return f"model.{cc}.plan"
 
 
 @dataclass
@@ -135,6 +161,22 @@ def _describe_onnx(path: Path) -> Served:
                   (preprocessing or {}).get("class_names"))
 
 
+def plan_tensors(manifest: dict) -> tuple[list[Tensor], list[Tensor]]:
+    """A plan's inputs and outputs from its manifest's ``io`` (as TensorRT reported them at build), with
+    the batch of an input whose profile pins it (min = max) in place of its dynamic batch axis."""
+    profile = manifest.get("profile") or {}
+    pinned = profile["min"][0] if profile and profile["min"][0] == profile["max"][0] else None
+
+    def tensor(record: dict) -> Tensor:
+        dims = [d if d >= 0 else None for d in record["shape"]]
+        if record["mode"] == "input" and record["name"] == profile.get("input") and dims and dims[0] is None:
+            dims[0] = pinned
+        return Tensor(record["name"], TRT_TYPES.get(record["dtype"], record["dtype"]), dims)
+
+    io = manifest.get("io", [])
+    return tuple([tensor(t) for t in io if t["mode"] == mode] for mode in ("input", "output"))
+
+
 def _describe_plan(path: Path) -> Served:
     from .onnx_graph import read_metadata
     from .trt import load_manifest
@@ -143,16 +185,18 @@ def _describe_plan(path: Path) -> Served:
     if not manifest or "io" not in manifest or "profile" not in manifest:
         raise TritonError(f"{path} has no engine manifest with its I/O and profile ({path.name}.json, written by "
                           "`resnet-export trt`): its config cannot be derived")
-    inputs = [Tensor(t["name"], TRT_TYPES[t["dtype"]], [d if d >= 0 else None for d in t["shape"]])
-              for t in manifest["io"] if t["mode"] == "input"]
-    outputs = [Tensor(t["name"], TRT_TYPES[t["dtype"]], [d if d >= 0 else None for d in t["shape"]])
-               for t in manifest["io"] if t["mode"] == "output"]
+    unknown = sorted({t["dtype"] for t in manifest["io"]} - set(TRT_TYPES))
+    if unknown:
+        raise TritonError(f"{path}: tensor types {', '.join(unknown)} have no Triton type here")
+    inputs, outputs = plan_tensors(manifest)
     source = Path(manifest.get("onnx", ""))
     preprocessing = read_metadata(source).get("preprocessing") if source.is_file() else None
     if preprocessing is None:
         log.warning(f"{path}: the ONNX it was built from ({source}) is gone: no preprocessing in the config")
+    build = {key: manifest.get(key) for key in ("tensorrt", "gpu", "compute_capability")}
     return Served("plan", inputs, outputs, manifest.get("precision", {}).get("dtype", "fp32"), preprocessing,
-                  (preprocessing or {}).get("class_names"), manifest["profile"], manifest.get("compute_capability"))
+                  (preprocessing or {}).get("class_names"), manifest["profile"],
+                  {**build, "options": manifest.get("options") or {}})
 
 
 def build_config(served: Served, name: str, request: TritonRequest, class_names: list[str] | None) -> tuple[str, int]:
@@ -191,10 +235,10 @@ def build_config(served: Served, name: str, request: TritonRequest, class_names:
             batching["preferred_batch_size"] = list(request.preferred_batch)
         config["dynamic_batching"] = batching
     config["model_warmup"] = [_warmup(served, size, max_batch) for size in sorted({1, max(max_batch, 1)})]
-    if served.kind == "plan":
-        config["default_model_filename"] = "model.plan"
-        if served.compute_capability:
-            config["cc_model_filenames"] = {served.compute_capability: "model.plan"}
+    if served.kind == "plan" and served.model_filename == "model.plan":
+        config["default_model_filename"] = "model.plan"  # hardware-compatible (or of unknown GPU): any GPU
+    elif served.kind == "plan":  # only this compute capability: no default file to fall back to
+        config["cc_model_filenames"] = {served.build["compute_capability"]: served.model_filename}
     if request.ort_trt:
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
             {"name": "tensorrt", "parameters": _ort_trt_parameters(served, max_batch)}]}}
@@ -209,9 +253,15 @@ def _max_batch(served: Served, request: TritonRequest) -> int:
     dynamic = all(t.dims and t.dims[0] is None for t in served.inputs + served.outputs)
     if served.kind == "plan":
         low, high = served.profile["min"][0], served.profile["max"][0]
+        if served.fixed_batch and served.fixed_batch > 1:  # Triton's TensorRT backend: full dims, no batcher
+            if request.max_batch:
+                raise TritonError(f"the plan's profile is fixed at batch {low}: it is served with max_batch_size 0 "
+                                  "(no `max_batch`)")
+            return 0
         if low > 1:
             raise TritonError(f"the plan's profile starts at batch {low}; Triton's batcher sends batches from 1: "
-                              "rebuild with `min_batch` 1")
+                              "rebuild with `min_batch` 1, or pin the profile (min = opt = max) to serve it "
+                              "without batching")
         chosen = high if request.max_batch is None else request.max_batch
         if chosen > high:
             raise TritonError(f"`max_batch` {chosen} is above the plan's profile maximum {high}")
@@ -265,7 +315,7 @@ def artifact_tensors(artifact: Path) -> tuple[list[Tensor], list[Tensor]]:
     """The inputs and outputs the served runtime will see, read apart from ``describe_artifact``.
 
     An ONNX is read by ONNX Runtime itself (what Triton's onnxruntime backend loads); a plan by its
-    manifest's raw ``io`` records, as TensorRT reported them when it built the plan.
+    manifest's ``io`` records, as TensorRT reported them when it built the plan (``plan_tensors``).
     """
     if artifact.suffix == ".onnx":
         from .runners import OrtRunner
@@ -279,9 +329,7 @@ def artifact_tensors(artifact: Path) -> tuple[list[Tensor], list[Tensor]]:
         return tensors(session.get_inputs()), tensors(session.get_outputs())
     from .trt import load_manifest
 
-    io = (load_manifest(artifact) or {}).get("io", [])
-    return tuple([Tensor(t["name"], TRT_TYPES.get(t["dtype"], t["dtype"]), [d if d >= 0 else None for d in t["shape"]])
-                  for t in io if t["mode"] == mode] for mode in ("input", "output"))
+    return plan_tensors(load_manifest(artifact) or {})
 
 
 def check_config(text: str, artifact: Path, name: str, max_batch: int) -> None:
@@ -340,7 +388,7 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
         (staging / str(request.version)).mkdir()
-        model_file = staging / str(request.version) / f"model{'.onnx' if served.kind == 'onnx' else '.plan'}"
+        model_file = staging / str(request.version) / served.model_filename
         rewritten = _write_as_spec_rounds(artifact, model_file) if served.kind == "onnx" else 0
         if not rewritten:
             shutil.copyfile(artifact, model_file)
@@ -351,6 +399,9 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
         _move_into_place(staging, model_dir, str(request.version))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if served.build.get("options", {}).get("version_compatible"):
+        log.warning(f"{artifact.name} is version-compatible: Triton loads it only when tritonserver runs with "
+                    f"{VERSION_COMPATIBLE_FLAG} (see {model_dir / 'README.md'})")
     return TritonResult(model_dir, text, max_batch, len(class_names or []))
 
 
@@ -406,6 +457,38 @@ def _labels(path: Path) -> list[str]:
     return names
 
 
+def _plan_notes(served: Served, max_batch: int) -> str:
+    """Where the plan runs, said for the person who starts the server: TensorRT version, GPU, batch."""
+    if served.kind != "plan":
+        return ""
+    build, options = served.build, served.build.get("options", {})
+    version, cc = build.get("tensorrt") or "?", build.get("compute_capability") or "?"
+    lines = [f"\n## Serving this plan\n\nBuilt with TensorRT {version} on {build.get('gpu') or '?'} (compute capability {cc}).\n"]
+    if options.get("version_compatible"):
+        lines.append(f"- Version-compatible: it runs on a Triton whose TensorRT is {version} or a later release that "
+                     "reads it (same major; 10 -> 11 and 8 -> 10 across majors), but Triton's TensorRT backend loads "
+                     f"it only when the server starts with `{VERSION_COMPATIBLE_FLAG}` (a server option: config.pbtxt "
+                     "cannot carry it). The plan embeds a lean TensorRT runtime that the server then executes: serve "
+                     "only plans you trust this way.\n\n  ```\n  tritonserver --model-repository=REPO "
+                     f"{VERSION_COMPATIBLE_FLAG}\n  ```")
+    else:
+        lines.append(f"- Runs only on a Triton built with TensorRT {version} exactly (each Triton release names its "
+                     "TensorRT); for another, rebuild the plan there, or build it with `--version-compatible`.")
+    if served.model_filename == "model.plan":
+        lines.append("- Hardware-compatible (Ampere and newer): `model.plan` is the default file, for any GPU of "
+                     "compute capability 8.0 or above.")
+    else:
+        lines.append(f"- Runs only on GPUs of compute capability {cc}: the file is `{served.model_filename}` and only "
+                     "`cc_model_filenames` names it, so on another GPU Triton looks for the default `model.plan` and "
+                     "fails to load the model (\"unable to find .../model.plan\") instead of running a plan that "
+                     "does not fit. Build one plan per GPU kind and add each to the map, or build with "
+                     "`--hardware-compat`.")
+    if max_batch == 0:
+        lines.append(f"- Its profile is fixed at batch {served.fixed_batch}: served with `max_batch_size: 0`, every "
+                     f"request carries exactly {served.fixed_batch} images.")
+    return "\n".join(lines) + "\n"
+
+
 def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: int = 0) -> str:
     spec = served.preprocessing or {}
     size = spec.get("input_size", ["H", "W"])
@@ -415,6 +498,9 @@ def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: 
                       if labels else f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}")]\n')
     printing = ("    for entry in result.as_numpy(\"{0}\")[0]:  # b\"score:index:label\"\n        print(entry.decode())\n"
                 if labels else "    print(result.as_numpy(\"{0}\")[0].argsort()[::-1][:5])\n").format(tensor_out.name)
+    fixed = tensor_in.dims[0] if max_batch == 0 and tensor_in.dims and tensor_in.dims[0] else 1
+    batching = ('preprocess("image.jpg")[None]  # a batch of one' if fixed == 1 else
+                f'np.stack([preprocess("image.jpg")] * {fixed})  # the model takes exactly {fixed} images')
     return f"""# {name}
 
 Made by `resnet-export triton` ({served.kind}, {served.precision}). Triton does not preprocess: send
@@ -425,7 +511,7 @@ what the model takes, preprocessed as below (also in `config.pbtxt` `parameters`
   interpolation, center-crop to {size[0]}x{size[1]}, scale to [0, 1], subtract mean {spec.get('mean', '?')},
   divide by std {spec.get('std', '?')}, {spec.get('channels', '?')} channel(s), channels first
 - max_batch_size: {max_batch}{_rewrite_note(rewritten)}
-
+{_plan_notes(served, max_batch)}
 ```python
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -443,7 +529,7 @@ def preprocess(path):
     return array.transpose(2, 0, 1)
 
 with grpcclient.InferenceServerClient("localhost:8001") as client:
-    batch = preprocess("image.jpg")[None]  # a batch of one
+    batch = {batching}
     inputs = [grpcclient.InferInput("{tensor_in.name}", list(batch.shape), "FP32")]
     inputs[0].set_data_from_numpy(batch)
 {classification}    result = client.infer("{name}", inputs, outputs=outputs)

@@ -56,6 +56,7 @@ def test_fixed_batch_onnx_is_served_without_batching(resnet18_small, tmp_path):
     assert text.startswith("max_batch_size: 0\n")  # said explicitly: proto3 would drop it
     config = _config(tmp_path / "repo" / "b4")
     assert list(config.input[0].dims) == [4, 3, 64, 64] and not config.HasField("dynamic_batching")
+    assert "np.stack([preprocess(\"image.jpg\")] * 4)" in (tmp_path / "repo" / "b4" / "README.md").read_text()
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP32"
     assert_one_line_error(run("triton", fixed, "--repo", tmp_path / "other", "--max-batch", "8"),
@@ -128,29 +129,93 @@ def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
     assert parameters["trt_profile_max_shapes"] == "input:8x3x64x64"
 
 
-@pytest.fixture
-def plan(resnet18_onnx, tmp_path):
-    """A plan file beside a manifest written by the trt layer's own code (no TensorRT here: the bytes are a stand-in)."""
-    path = tmp_path / "r18.plan"
+def write_plan(folder, onnx_path, *, profile=(1, 8, 16), options=None, name="r18"):
+    """A plan file beside a manifest written by the trt layer's own code (no TensorRT here: the bytes are a
+    stand-in; config rendering reads the manifest only)."""
+    path = folder / f"{name}.plan"
     path.write_bytes(b"stand-in: config rendering reads the manifest only")
+    low, opt, high = profile
     build = EngineBuild(
-        tensorrt="11.4.0", gpu="NVIDIA L4", compute_capability="8.9", cuda="13.0", onnx=str(resnet18_onnx.path),
+        tensorrt="11.4.0", gpu="NVIDIA L4", compute_capability="8.9", cuda="13.0", onnx=str(onnx_path),
         onnx_sha256="0" * 64, precision={"dtype": "fp16"},
-        profile={"input": "input", "min": [1, 3, 64, 64], "opt": [8, 3, 64, 64], "max": [16, 3, 64, 64]},
-        build_seconds=1.0, options={}, io=[{"name": "input", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 64, 64]},
-                                         {"name": "logits", "mode": "output", "dtype": "FLOAT", "shape": [-1, 5]}])
+        profile={"input": "input", "min": [low, 3, 64, 64], "opt": [opt, 3, 64, 64], "max": [high, 3, 64, 64]},
+        build_seconds=1.0, options={"version_compatible": False, "hardware_compatible": False, **(options or {})},
+        io=[{"name": "input", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 64, 64]},
+            {"name": "logits", "mode": "output", "dtype": "FLOAT", "shape": [-1, 5]}])
     write_manifest(path, stage="engine", **build.to_dict(), verification=None)
     return path
 
 
-def test_plan_entry_from_its_manifest(plan, tmp_path):
+@pytest.fixture
+def plan(resnet18_onnx, tmp_path):
+    return write_plan(tmp_path, resnet18_onnx.path)
+
+
+def triton_plan_file(model_dir, config, cc: str):
+    """The file Triton's TensorRT backend loads on a GPU of compute capability ``cc``: ``cc_model_filenames[cc]``,
+    else ``default_model_filename`` (backend's BackendModelInstance), else ``model.plan`` (tensorrt_backend's
+    ModelInstanceState::Create); the model fails to load when that file is missing."""
+    name = dict(config.cc_model_filenames).get(cc) or config.default_model_filename or "model.plan"
+    return model_dir / "1" / name
+
+
+def test_plan_entry_runs_only_where_it_was_built(plan, tmp_path):
     result = run("triton", plan, "--repo", tmp_path / "repo")
     assert result.exit_code == 0, result.output
-    config = _config(tmp_path / "repo" / "r18")
+    model_dir = tmp_path / "repo" / "r18"
+    config = _config(model_dir)
     assert config.backend == "tensorrt" and config.max_batch_size == 16  # the profile's maximum
-    assert dict(config.cc_model_filenames) == {"8.9": "model.plan"} and config.default_model_filename == "model.plan"
+    assert dict(config.cc_model_filenames) == {"8.9": "model.8.9.plan"} and not config.default_model_filename
+    assert triton_plan_file(model_dir, config, "8.9").read_bytes() == plan.read_bytes()
+    assert not triton_plan_file(model_dir, config, "9.0").exists()  # another GPU finds nothing to load
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    assert (tmp_path / "repo" / "r18" / "1" / "model.plan").read_bytes() == plan.read_bytes()
+    readme = (model_dir / "README.md").read_text()
+    assert "Built with TensorRT 11.4.0 on NVIDIA L4 (compute capability 8.9)" in readme
+    assert "TensorRT 11.4.0 exactly" in readme and "only on GPUs of compute capability 8.9" in readme
+    assert "version-compatible=true" not in readme + result.stderr
+
+
+def test_hardware_compatible_plan_is_the_default_file(resnet18_onnx, tmp_path):
+    plan = write_plan(tmp_path, resnet18_onnx.path, options={"hardware_compatible": True})
+    assert run("triton", plan, "--repo", tmp_path / "repo").exit_code == 0
+    model_dir = tmp_path / "repo" / "r18"
+    config = _config(model_dir)
+    assert config.default_model_filename == "model.plan" and not config.cc_model_filenames
+    assert triton_plan_file(model_dir, config, "8.0").is_file() and triton_plan_file(model_dir, config, "9.0").is_file()
+    assert "Hardware-compatible (Ampere and newer)" in (model_dir / "README.md").read_text()
+
+
+def test_version_compatible_plan_says_how_to_start_the_server(resnet18_onnx, tmp_path):
+    plan = write_plan(tmp_path, resnet18_onnx.path, options={"version_compatible": True})
+    result = run("triton", plan, "--repo", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    flag = "--backend-config=tensorrt,version-compatible=true"
+    assert "is version-compatible: Triton loads it only when tritonserver runs with " + flag in result.stderr
+    readme = (tmp_path / "repo" / "r18" / "README.md").read_text()
+    assert f"tritonserver --model-repository=REPO {flag}" in readme and "TensorRT is 11.4.0 or a later release" in readme
+    assert flag not in (tmp_path / "repo" / "r18" / "config.pbtxt").read_text()  # no config field can carry it
+
+
+def test_fixed_batch_plan_is_served_without_batching(resnet18_onnx, tmp_path):
+    from resnet_export.triton import check_config
+
+    plan = write_plan(tmp_path, resnet18_onnx.path, profile=(4, 4, 4))
+    result = run("triton", plan, "--repo", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    model_dir = tmp_path / "repo" / "r18"
+    text = (model_dir / "config.pbtxt").read_text()
+    config = _config(model_dir)
+    assert text.startswith("max_batch_size: 0\n") and not config.HasField("dynamic_batching")
+    assert list(config.input[0].dims) == [4, 3, 64, 64] and list(config.output[0].dims) == [-1, 5]
+    assert list(config.model_warmup[0].inputs["input"].dims) == [4, 3, 64, 64]
+    check_config(text, plan, "r18", 0)
+    readme = (model_dir / "README.md").read_text()
+    assert "every request carries exactly 4 images" in readme and "* 4)  # the model takes exactly 4" in readme
+    assert_one_line_error(run("triton", plan, "--repo", tmp_path / "other", "--max-batch", "4"),
+                          "profile is fixed at batch 4: it is served with max_batch_size 0")
+    ranged = write_plan(tmp_path, resnet18_onnx.path, profile=(2, 4, 8), name="r2")
+    assert_one_line_error(run("triton", ranged, "--repo", tmp_path / "other"),
+                          "profile starts at batch 2; Triton's batcher sends batches from 1")
 
 
 @pytest.mark.parametrize("args, message", [
