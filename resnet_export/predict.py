@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,31 +58,38 @@ def partial_path(output: Path) -> Path:
 
 
 class Tally:
-    """Counts rows and, once the number of classes is known, correct top-1 predictions by folder."""
+    """Counts rows and, once the number of classes is known, correct top-1 predictions by folder.
+
+    Rows seen before that (resumed rows of a model without class names) are kept as counts per
+    (folder, top-1) pair, so their memory is bounded by folders times classes, not by rows.
+    """
 
     def __init__(self, root: Path, classes: list[str] | None, spec: Preprocessing):
         self.root, self.classes, self.spec = root, classes, spec
         self.rows, self.correct, self.index = 0, 0, None
         self.outputs = len(spec.class_names) if spec.class_names else 0
-        self._pending: list[tuple[str, int]] = []  # rows seen before the number of classes was known
+        self._pending: Counter[tuple[str, int]] = Counter()
 
     def add(self, path: str, top1: int, outputs: int = 0) -> None:
         self.rows += 1
+        if not self.classes:  # not an ImageFolder: nothing to score
+            return
         if outputs and not self.outputs:
             self.outputs = outputs
         if self.index is None and self.outputs:
             self.index = label_index(self.classes, self.spec, self.outputs) or {}
-            for pending in self._pending:
-                self._count(*pending)
-            self._pending = []
+            for (folder, predicted), count in self._pending.items():
+                self._count(folder, predicted, count)
+            self._pending.clear()
+        folder = Path(path).relative_to(self.root).parts[0]
         if self.index is None:
-            self._pending.append((path, top1))
+            self._pending[folder, top1] += 1
         else:
-            self._count(path, top1)
+            self._count(folder, top1)
 
-    def _count(self, path: str, top1: int) -> None:
+    def _count(self, folder: str, top1: int, count: int = 1) -> None:
         if self.index:
-            self.correct += self.index[Path(path).relative_to(self.root).parts[0]] == top1
+            self.correct += count * (self.index[folder] == top1)
 
     @property
     def accuracy(self) -> float | None:

@@ -207,3 +207,20 @@ def test_a_cpu_int8_onnx_runs_on_openvino_by_default_and_says_so(resnet18_onnx, 
     assert "(openvino)" in result.stdout
     forced = run("predict", int8, IMAGES, "--backend", "ort", "-o", tmp_path / "o.jsonl")
     assert forced.exit_code == 0 and "(ort)" in forced.stdout
+
+
+def test_resumed_rows_are_scored_once_the_class_count_is_known_and_kept_as_counts(tmp_path):
+    """Rows read back from OUT.partial carry no class count; they wait as (folder, top-1) counts, not rows."""
+    from resnet_export.predict import Tally
+    from resnet_export.preprocessing import Preprocessing
+
+    tally = Tally(tmp_path, ["cat", "dog"], Preprocessing((32, 32), 32, (0.5,), (0.5,), 1))
+    for i in range(1000):  # resumed: right for cats, wrong for half the dogs
+        tally.add(str(tmp_path / "cat" / f"{i}.png"), 0)
+        tally.add(str(tmp_path / "dog" / f"{i}.png"), i % 2)
+    assert tally.accuracy is None and len(tally._pending) == 3  # bounded by folders x classes
+    tally.add(str(tmp_path / "dog" / "new.png"), 1, outputs=2)  # the first new batch tells the class count
+    assert tally.rows == 2001 and tally.correct == 1000 + 500 + 1 and not tally._pending
+    unlabelled = Tally(tmp_path, None, Preprocessing((32, 32), 32, (0.5,), (0.5,), 1))
+    unlabelled.add("/elsewhere/x.png", 3, outputs=10)
+    assert unlabelled.rows == 1 and unlabelled.accuracy is None
