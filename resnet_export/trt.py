@@ -178,8 +178,9 @@ def merge_timing_cache(path: str | Path, merge: Callable[[bytes], bytes]) -> Non
     """Write ``merge(what the file holds now)`` to the timing cache at ``path``, holding a lock throughout.
 
     As Polygraphy's EngineBytesFromNetwork saves a cache (backend/trt/loader.py: ``util.LockFile``, load,
-    ``combine``, save): a build that only wrote its own cache would drop the entries another build
-    saved meanwhile. The lock is a POSIX advisory lock on ``PATH.lock``; reads need none because every
+    ``combine``, save) and NVIDIA's samples do (shared/utils/cacheUtils.h, ``updateTimingCacheFile``:
+    exclusive lock, load, combine, serialize): a build that only wrote its own cache would drop the
+    entries another build saved meanwhile. The lock is a POSIX advisory lock on ``PATH.lock``; reads need none because every
     write is a rename.
     """
     import fcntl
