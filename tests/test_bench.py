@@ -96,6 +96,27 @@ def test_gaps_are_stated(matrix):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.skipif(backend_unavailable("trt") is not None, reason=f"needs TensorRT and a GPU: {backend_unavailable('trt')}")
+def test_a_plan_whose_manifest_says_it_runs_elsewhere_is_rebuilt_not_an_error_row(matrix):
+    import json
+
+    from resnet_export.trt import runtime_info
+
+    model, folder, _, _ = matrix
+    calibration = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
+    artifacts = Artifacts(model, folder / "artifacts", calibration)
+    plan = artifacts.engine("fp32", 4)  # the matrix's, reused
+    assert runtime_info()["tensorrt"] in plan.name
+    sidecar = plan.with_name(plan.name + ".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "tensorrt": "9.0.0"}))  # as if upgraded since
+    before = plan.stat().st_mtime_ns
+    assert artifacts.engine("fp32", 4) == plan and plan.stat().st_mtime_ns != before
+    assert json.loads(sidecar.read_text())["tensorrt"] == runtime_info()["tensorrt"]
+
+
+@pytest.mark.slow
 def test_artifacts_are_reused_and_keyed_by_calibration(matrix):
     model, folder, _, _ = matrix
     calibration = np.random.default_rng(5).standard_normal((16, 3, 32, 32), dtype=np.float32)
