@@ -364,6 +364,49 @@ def test_captured_shapes_share_one_activation_block(engines):
 @pytest.mark.gpu
 @pytest.mark.trt
 @skip_without_trt
+def test_capture_holds_while_another_thread_uses_cuda(engines):
+    """Thread-local capture (trtexec's mode): another thread's device-wide synchronization, which a
+    global-mode capture forbids, neither breaks the capture nor turns CUDA graphs off."""
+    import threading
+
+    import numpy as np
+
+    from resnet_export.trt import TrtRunner
+
+    runner = TrtRunner(engines["fp32"].path, cuda_graph=True)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            torch.cuda.synchronize()
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        for batch in (1, 2, 4, 8):
+            runner.infer(np.zeros((batch, 3, 64, 64), np.float32))
+    finally:
+        stop.set()
+        thread.join()
+    assert runner.cuda_graph and len(runner._graphs) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
+def test_one_tensorrt_logger_per_process(engines, capfd):
+    """TensorRT warns when a Builder or Runtime gets another logger than the first one of the process."""
+    from resnet_export.trt import TrtRunner, logger
+
+    capfd.readouterr()
+    TrtRunner(engines["fp32"].path), TrtRunner(engines["fp16"].path)
+    assert logger() is logger()
+    assert "differs from one already provided" not in capfd.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@skip_without_trt
 def test_inspect_shows_the_int8_convs_of_an_int8_plan(engines):
     from resnet_export.describe import describe
 
