@@ -552,9 +552,10 @@ class TrtRunner:
 
         As trtexec does (sampleInference.cpp), a run comes first (TensorRT finishes its lazy set-up
         outside the capture), and the capture is thread-local (sampleDevice.h, ``TrtCudaGraph::beginCapture``:
-        ``cudaStreamCaptureModeThreadLocal``): CUDA calls of other threads, such as ``predict``'s image
-        readers, neither break the capture nor fail. A failed capture turns CUDA graphs off for this
-        runner: every shape runs plain enqueues from then on.
+        ``cudaStreamCaptureModeThreadLocal``): a potentially unsafe CUDA call of another thread, such as
+        another model's runner allocating memory in a serving thread, neither breaks the capture nor
+        fails. A failed capture turns CUDA graphs off for this runner: every shape runs plain enqueues
+        from then on.
         """
         import torch
 

@@ -365,8 +365,10 @@ def test_captured_shapes_share_one_activation_block(engines):
 @pytest.mark.trt
 @skip_without_trt
 def test_capture_holds_while_another_thread_uses_cuda(engines):
-    """Thread-local capture (trtexec's mode): another thread's device-wide synchronization, which a
-    global-mode capture forbids, neither breaks the capture nor turns CUDA graphs off."""
+    """Thread-local capture (trtexec's mode): another thread's cudaMalloc, a "potentially unsafe" call that
+    a global-mode capture forbids in every thread (CUDA runtime API, cudaThreadExchangeStreamCaptureMode),
+    neither fails nor breaks the capture. (Not a device synchronize: that conflicts with capture in any mode.)"""
+    import ctypes
     import threading
 
     import numpy as np
@@ -374,13 +376,18 @@ def test_capture_holds_while_another_thread_uses_cuda(engines):
     from resnet_export.trt import TrtRunner
 
     runner = TrtRunner(engines["fp32"].path, cuda_graph=True)
-    stop = threading.Event()
+    with open("/proc/self/maps") as maps:  # the CUDA runtime torch loaded, called as is
+        cudart = ctypes.CDLL(next(line.split()[-1] for line in maps if "libcudart.so" in line))
+    stop, failures = threading.Event(), []
 
-    def busy():
+    def allocate():
+        pointer = ctypes.c_void_p()
         while not stop.is_set():
-            torch.cuda.synchronize()
+            code = cudart.cudaMalloc(ctypes.byref(pointer), 1 << 20) or cudart.cudaFree(pointer)
+            if code:
+                failures.append(code)
 
-    thread = threading.Thread(target=busy)
+    thread = threading.Thread(target=allocate)
     thread.start()
     try:
         for batch in (1, 2, 4, 8):
@@ -388,7 +395,7 @@ def test_capture_holds_while_another_thread_uses_cuda(engines):
     finally:
         stop.set()
         thread.join()
-    assert runner.cuda_graph and len(runner._graphs) == 4
+    assert failures == [] and runner.cuda_graph and len(runner._graphs) == 4
 
 
 @pytest.mark.gpu
