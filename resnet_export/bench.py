@@ -16,15 +16,19 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from . import device
 from .errors import OutputError, ResnetExportError, first_line
 from .manifest import library_versions
 from .models import LoadedModel
 from .progress import task
 from .verify import compare
+
+if TYPE_CHECKING:
+    from .trt import BatchProfile, RuntimeInfo
 
 log = logging.getLogger(__name__)
 
@@ -122,38 +126,30 @@ def _wall_clock(call: Callable, now: Callable[[], float] = time.perf_counter) ->
     return now() - start
 
 
-def cuda_event_clock(call: Callable, stream=None) -> float:
-    """Time one call with CUDA events recorded on ``stream`` (torch's current one by default).
-
-    The events must sit on the stream the work runs on: events on another stream would measure
-    whatever that stream did, or the host's wall time when the call blocks.
-    """
-    import torch
-
-    stream = stream or torch.cuda.current_stream()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(stream)
-    call()
-    end.record(stream)
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+def _tensorrt_version() -> str | None:
+    """The version of the ``tensorrt`` module Python imports (what the trt rows ran), if any."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tensorrt.__version__
 
 
 def environment(threads: int | None) -> dict:
     """CPU (model, cores, INT8-relevant flags), GPU, requested threads and library versions of this run."""
-    import torch
-
     from .cpu import cpu_info
 
     info = cpu_info()
+    versions = library_versions("torch", "onnxruntime-gpu", "onnxruntime", "tensorrt", "openvino", "nvidia-modelopt")
+    gpu = device.current()
     return {
         "cpu": info["model"] or info["arch"],
         "arch": info["arch"],
         "cores": info["cores"],
         "cpu_flags": info["flags"],
         "threads_requested": threads,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "versions": library_versions("torch", "onnxruntime-gpu", "onnxruntime", "tensorrt", "openvino", "nvidia-modelopt"),
+        "gpu": gpu.identity()[0] if gpu.unavailable_reason() is None else None,
+        "versions": {**versions, "tensorrt": _tensorrt_version() or versions.get("tensorrt")},
     }
 
 
@@ -166,7 +162,7 @@ def backend_unavailable(backend: str) -> str | None:
     import torch
 
     providers = ort.get_available_providers()
-    if backend in ("ort-cuda", "ort-trt", "trt") and not torch.cuda.is_available():
+    if backend in ("ort-cuda", "ort-trt") and not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
     if backend == "ort-cuda" and "CUDAExecutionProvider" not in providers:
         return "ONNX Runtime has no CUDAExecutionProvider here"
@@ -251,32 +247,37 @@ class Artifacts:
             precision_from_onnx(fp32, path, request, reference=TorchRunner(self.loaded.module))
         return path
 
-    def engine(self, precision: str, max_batch: int) -> Path:
-        """The TensorRT plan for ``precision`` with a 1..``max_batch`` profile, built for this TensorRT and GPU."""
+    def engine(self, precision: str, batch: int) -> tuple[Path, BatchProfile]:
+        """The TensorRT plan that benchmarks ``precision`` at ``batch``, built for this TensorRT, GPU and platform,
+        and its profile: batches 1 to ``batch``, tuned for ``batch`` (opt), so each row runs kernels chosen
+        for its own batch."""
         from .pipeline import engine_from_onnx
         from .trt import BatchProfile, BuildOptions, runtime_info
 
         running = runtime_info()
-        plan, cache = self.engine_files(precision, max_batch, running)
+        profile = BatchProfile(1, batch, batch)
+        plan, cache = self.engine_files(precision, profile, running)
         if not self.reusable(plan, running):
-            engine_from_onnx(self.onnx(precision, "trt"), plan, profile=BatchProfile(1, max_batch, max_batch),
+            engine_from_onnx(self.onnx(precision, "trt"), plan, profile=profile,
                              options=BuildOptions(timing_cache=str(cache)))
-        return plan
+        return plan, profile
 
-    def engine_files(self, precision: str, max_batch: int, running: dict) -> tuple[Path, Path]:
-        """Where the plan and the timing cache for ``running`` (``runtime_info()``) live.
+    def engine_files(self, precision: str, profile: BatchProfile, running: RuntimeInfo) -> tuple[Path, Path]:
+        """Where the plan of ``profile`` and the timing cache for ``running`` (``runtime_info()``) live.
 
-        Both are named after the TensorRT version and compute capability (``engine_key``): a plan or
-        cache from before an upgrade, or from another GPU sharing the folder, is never picked up.
+        Both are named after the TensorRT version, GPU model, compute capability and platform
+        (``engine_key``): a plan or cache from before an upgrade, or from another GPU sharing the
+        folder, is never picked up.
         """
         from .trt import engine_key
 
         key = engine_key(running)
         suffix = f"-{self.calib_key}" if precision == "int8" else ""
-        return self.folder / f"{precision}{suffix}-b{max_batch}-{key}.plan", self.folder / f"timing-{key}.cache"
+        shape = f"b{profile.min}-{profile.opt}-{profile.max}"
+        return self.folder / f"{precision}{suffix}-{shape}-{key}.plan", self.folder / f"timing-{key}.cache"
 
     @staticmethod
-    def reusable(plan: Path, running: dict) -> bool:
+    def reusable(plan: Path, running: RuntimeInfo) -> bool:
         """Whether ``plan`` passed its gate when built and its manifest says it runs on ``running``."""
         from .trt import incompatibility, load_manifest
 
@@ -290,40 +291,51 @@ def _passed(artifact: Path) -> bool:
     return artifact.is_file() and bool((recorded_verification(artifact) or {}).get("passed"))
 
 
-def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings) -> list[tuple[str, object, Callable | None]]:
-    """(timing label, runner, device clock) for a backend x precision.
+#: (timing label, runner, device clock or None, the one batch it runs or None for every batch).
+Timed = tuple[str, object, Callable | None, int | None]
+
+
+def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings) -> list[Timed]:
+    """The runners that time a backend x precision, each with its label and clock.
 
     With a device clock the runner's ``enqueue`` is timed on a batch already on the GPU: it queues the
     work and returns, and the clock's end event, recorded on the same stream, marks when the GPU is
     done; no host synchronization falls between the two events, for torch and TensorRT alike. The
-    TensorRT backend adds a second row timed with host-device copies.
+    TensorRT backend has one plan per batch, its profile tuned for that batch and named in the label,
+    and adds a second row per batch timed with host-device copies.
     """
     from .runners import OpenVinoRunner, OrtRunner, TorchRunner
 
     threads = settings.threads
     if backend == "torch":
         if precision == "fp32":
-            return [("wall clock, CPU", TorchRunner(artifacts.loaded.module), None)]
-        return [("CUDA events, inputs on device", _TorchCudaRunner(artifacts.loaded.module), cuda_event_clock)]
+            return [("wall clock, CPU", TorchRunner(artifacts.loaded.module), None, None)]
+        return [("CUDA events, inputs on device", _TorchCudaRunner(artifacts.loaded.module), device.current().time, None)]
     if backend == "ort":
         target = "cpu" if precision == "int8" else "trt"
-        return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None)]
+        return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None, None)]
     if backend == "ort-cuda":
         return [("wall clock, with host-device copies",
-                 OrtRunner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None)]
+                 OrtRunner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None, None)]
     if backend == "ort-trt":
         return [("wall clock, with host-device copies",
-                 OrtRunner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"], threads), None)]
+                 OrtRunner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"], threads), None, None)]
     if backend == "trt":
         from .trt import TrtRunner
 
-        runner = TrtRunner(artifacts.engine(precision, max(settings.batch_sizes)))
-        on_engine_stream = functools.partial(cuda_event_clock, stream=runner.stream)
-        return [("CUDA events on the engine's stream, inputs on device", runner, on_engine_stream),
-                ("wall clock, with host-device copies", runner, None)]
+        timed: list[Timed] = []
+        for batch in settings.batch_sizes:
+            plan, profile = artifacts.engine(precision, batch)
+            runner = TrtRunner(plan)
+            shape = f"profile {profile.min}/{profile.opt}/{profile.max}"
+            on_engine_stream = functools.partial(runner.device.time, stream=runner.stream)
+            timed += [(f"{runner.device.clock} on the engine's stream, inputs on device, {shape}", runner,
+                       on_engine_stream, batch),
+                      (f"wall clock, with host-device copies, {shape}", runner, None, batch)]
+        return timed
     if backend == "openvino":
         target = "cpu" if precision == "int8" else "trt"
-        return [("wall clock, CPU", OpenVinoRunner(artifacts.onnx(precision, target), precision, threads), None)]
+        return [("wall clock, CPU", OpenVinoRunner(artifacts.onnx(precision, target), precision, threads), None, None)]
     raise BenchError(f"unknown backend {backend}")
 
 
@@ -392,7 +404,9 @@ def run_matrix(
                 advance(len(settings.batch_sizes))
                 continue
             for batch in settings.batch_sizes:
-                for label, runner, clock in runners:
+                for label, runner, clock, only in runners:
+                    if only not in (None, batch):
+                        continue
                     rows.append(measure(backend, precision, batch, label, runner, clock, batches[batch],
                                          expected[batch], settings))
                 advance()
@@ -408,9 +422,7 @@ def measure(backend: str, precision: str, batch: int, label: str, runner, clock,
         metrics = compare(expected, runner.infer(x))
         row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
         if clock is not None:  # device-resident input; the runner's enqueue is what is timed, between events
-            import torch
-
-            device_x = torch.from_numpy(x).cuda()
+            device_x = device.current().upload(x)
             timings = time_calls(lambda: runner.enqueue(device_x), settings, clock)
         else:
             timings = time_calls(lambda: runner.infer(x), settings)

@@ -343,8 +343,8 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
         click.echo(f"{result.onnx} written; --onnx-only: no engine built")
         return
     record, v = result.engine.record, result.engine.verification
-    click.echo(f"{output}: {record.precision['dtype'].upper()} engine, TensorRT {record.tensorrt} on "
-               f"{record.gpu} (built in {record.build_seconds} s); vs {v.inputs}: {v.summary()}: PASS")
+    click.echo(f"{output}: {record.precision['dtype'].upper()} engine, TensorRT {record.runtime.tensorrt} on "
+               f"{record.runtime.gpu} (built in {record.build_seconds} s); vs {v.inputs}: {v.summary()}: PASS")
 
 
 @main.command("verify")

@@ -28,7 +28,7 @@ def describe(artifact: str | Path) -> dict:
 def _describe_onnx(path: Path) -> dict:
     import onnx
 
-    from .onnx_graph import graph_inputs, load_onnx, op_counts, qdq_summary, read_metadata
+    from .onnx_graph import graph_inputs, graph_precision, load_onnx, op_counts, qdq_summary, read_metadata
 
     model = load_onnx(path)
 
@@ -41,7 +41,7 @@ def _describe_onnx(path: Path) -> dict:
         "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": io(graph_inputs(model)),
         "outputs": io(model.graph.output),
-        "precision": metadata.get("precision", {"dtype": "fp32"}),
+        "precision": graph_precision(model),
         "counts": qdq_summary(model),
         "ops": dict(op_counts(model).most_common()),
         "preprocessing": {k: v for k, v in metadata.get("preprocessing", {}).items() if k != "class_names"},

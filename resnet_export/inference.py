@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataError, class_indices
-from .onnx_graph import onnx_preprocessing, read_metadata
+from .onnx_graph import graph_precision, onnx_preprocessing, read_metadata
 from .preprocessing import Preprocessing
 from .verify import batch_plan
 
@@ -43,7 +43,7 @@ def open_artifact(artifact: Path, backend: str | None = None):
         return TrtRunner(artifact), onnx_preprocessing(source), backend
     spec = onnx_preprocessing(artifact)
     if backend == "openvino":
-        precision = read_metadata(artifact).get("precision", {}).get("dtype", "fp32")
+        precision = graph_precision(artifact)["dtype"]
         return OpenVinoRunner(artifact, precision, None), spec, backend
     return OrtRunner(artifact, _ort_providers()), spec, backend
 

@@ -105,3 +105,22 @@ def input_spec(model: onnx.ModelProto) -> Preprocessing:
 def onnx_preprocessing(path: str | Path) -> Preprocessing:
     """The preprocessing stored at export, or one derived from the input shape of a foreign ONNX."""
     return input_spec(load_onnx(path, load_weights=False))
+
+
+def graph_precision(path_or_model) -> dict:
+    """An ONNX's precision record: the one this toolkit stored in its metadata, else what its graph shows.
+
+    A foreign model gets ``{"dtype": ..., "from": ...}``: int8 where it has Q/DQ nodes, fp16 where it
+    has float16 weights, else fp32; so a Q/DQ model made elsewhere gets the INT8 gate and is served and
+    described as INT8, never as FP32.
+    """
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load_onnx(path_or_model, load_weights=False)
+    stored = read_metadata(model).get("precision")
+    if stored:
+        return stored
+    counts = qdq_summary(model)
+    if counts["quantize_linear"] or counts["dequantize_linear"]:
+        return {"dtype": "int8", "from": "its graph (Q/DQ nodes)"}
+    if counts["fp16_initializers"]:
+        return {"dtype": "fp16", "from": "its graph (float16 weights)"}
+    return {"dtype": "fp32", "from": "its graph (no Q/DQ, no float16 weights)"}

@@ -24,7 +24,15 @@ from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mo
 from .cpu import CPU_FORMS, cpu_info, describe_cpu
 from .manifest import atomic_output, check_not_input, check_writable_dir, manifest_path, sha256_file, write_manifest
 from .models import LoadedModel, model_files
-from .onnx_graph import input_spec, load_onnx, onnx_preprocessing, qdq_summary, read_metadata, set_metadata
+from .onnx_graph import (
+    graph_precision,
+    input_spec,
+    load_onnx,
+    onnx_preprocessing,
+    qdq_summary,
+    read_metadata,
+    set_metadata,
+)
 from .preprocessing import Preprocessing, stated
 from .precision import RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
@@ -452,16 +460,8 @@ def artifact_precision(artifact: str | Path) -> tuple[str, str]:
             return dtype, "its manifest"
     if artifact.suffix != ".onnx":
         raise OnnxError(f"{artifact} has no manifest ({artifact.name}.json) to tell its precision: pass `precision`")
-    model = load_onnx(artifact, load_weights=False)
-    stored = read_metadata(model).get("precision", {}).get("dtype")
-    if stored:
-        return stored, "its metadata"
-    counts = qdq_summary(model)
-    if counts["quantize_linear"] or counts["dequantize_linear"]:
-        return "int8", "its graph (Q/DQ nodes)"
-    if counts["fp16_initializers"]:
-        return "fp16", "its graph (float16 weights)"
-    return "fp32", "its graph (no Q/DQ, no float16 weights)"
+    recorded = graph_precision(artifact)
+    return recorded["dtype"], recorded.get("from", "its metadata")
 
 
 def artifact_preprocessing(artifact: Path, loaded: LoadedModel) -> Preprocessing:

@@ -140,7 +140,7 @@ def describe_artifact(artifact: Path) -> Served:
 def _describe_onnx(path: Path) -> Served:
     import onnx
 
-    from .onnx_graph import graph_inputs, load_onnx, read_metadata
+    from .onnx_graph import graph_inputs, graph_precision, load_onnx, read_metadata
 
     model = load_onnx(path, load_weights=False)
 
@@ -157,7 +157,7 @@ def _describe_onnx(path: Path) -> Served:
     meta = read_metadata(model)
     preprocessing = meta.get("preprocessing")
     return Served("onnx", tensors(graph_inputs(model)), tensors(model.graph.output),
-                  meta.get("precision", {}).get("dtype", "fp32"), preprocessing,
+                  graph_precision(model)["dtype"], preprocessing,
                   (preprocessing or {}).get("class_names"))
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import platform
+import re
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -20,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import device
 from .errors import EXIT_TRT_UNAVAILABLE, ResnetExportError
 from .manifest import atomic_output, manifest_path, sha256_file
 from .progress import task
@@ -43,11 +47,7 @@ def unavailable_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError as exc:
         return f"TensorRT is not installed ({exc}); install it with: pip install 'resnet-export[trt]'"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return None
+    return device.current().unavailable_reason()
 
 
 def require_tensorrt(what: str) -> None:
@@ -104,19 +104,24 @@ def onnx_io(path: str | Path) -> tuple[str, int | None, tuple[int, int, int]]:
 VERSION_COMPATIBLE_MAJORS = {(10, 11), (8, 10)}
 
 
-def incompatibility(built: dict, running: dict) -> str | None:
-    """Why a plan built as ``built`` (its manifest) cannot run on ``running`` (runtime_info()), or None.
+def incompatibility(built: dict, running: RuntimeInfo) -> str | None:
+    """Why a plan built as ``built`` (its manifest) cannot run on ``running``, or None.
 
-    A plan runs only on the TensorRT version that built it or, built version-compatible, on a later
-    release of the same major, or across exactly two major boundaries: 10 -> 11 and 8 -> 10 (TensorRT
-    11.4 support matrix, "Engine Portability"); and on GPUs of the same compute capability or, built
-    with hardware compatibility, any Ampere or newer.
+    A plan runs only on the OS and CPU architecture that built it (TensorRT developer guide, "Engine
+    Portability": x86_64 and aarch64 plans differ even for GPUs of one compute capability); on the
+    TensorRT version that built it or, built version-compatible, on a later release of the same major,
+    or across exactly two major boundaries: 10 -> 11 and 8 -> 10 (TensorRT 11.4 support matrix); and
+    on GPUs of the same compute capability or, built with hardware compatibility, any Ampere or newer.
+    Another GPU model of the same compute capability is a caveat (``gpu_caveat``), not a refusal.
     """
-    if not built.get("tensorrt") or not built.get("compute_capability"):
-        return "its manifest does not record the TensorRT version and compute capability that built it"
+    recorded = [field for field in ("tensorrt", "compute_capability", "platform") if not built.get(field)]
+    if recorded:
+        return f"its manifest does not record the {', '.join(recorded)} that built it"
     options = built.get("options", {})
     problems = []
-    built_trt, run_trt = built["tensorrt"], running["tensorrt"]
+    if built["platform"] != running.platform:
+        problems.append("platform")
+    built_trt, run_trt = built["tensorrt"], running.tensorrt
     if options.get("version_compatible"):
         built_v, run_v = _version(built_trt), _version(run_trt)
         majors = (built_v[:1] or (0,))[0], (run_v[:1] or (0,))[0]
@@ -124,7 +129,7 @@ def incompatibility(built: dict, running: dict) -> str | None:
             problems.append("TensorRT")
     elif built_trt != run_trt:
         problems.append("TensorRT")
-    built_cc, run_cc = built["compute_capability"], running["compute_capability"]
+    built_cc, run_cc = built["compute_capability"], running.compute_capability
     if options.get("hardware_compatible"):
         if _version(run_cc) < (8, 0):
             problems.append("GPU")
@@ -133,10 +138,21 @@ def incompatibility(built: dict, running: dict) -> str | None:
     if not problems:
         return None
     return (
-        f"built with TensorRT {built_trt} on compute capability {built_cc} ({built.get('gpu', '?')}), "
-        f"running TensorRT {run_trt} on compute capability {run_cc} ({running.get('gpu', '?')}): "
-        f"{' and '.join(problems)} mismatch"
+        f"built with TensorRT {built_trt} on compute capability {built_cc} ({built.get('gpu', '?')}, "
+        f"{built['platform']}), running TensorRT {run_trt} on compute capability {run_cc} ({running.gpu}, "
+        f"{running.platform}): {' and '.join(problems)} mismatch"
     )
+
+
+def gpu_caveat(built: dict, running: RuntimeInfo) -> str | None:
+    """A warning when a plan built without hardware compatibility runs on another GPU model of its compute
+    capability: TensorRT promises such a plan only "the type of device where it was built" (developer
+    guide, "Hardware Compatibility"); the same-compute-capability level (``SAME_COMPUTE_CAPABILITY``)
+    came in 10.9. An L4 and an RTX 4090 are both 8.9."""
+    if built.get("options", {}).get("hardware_compatible") or built.get("gpu") in (None, running.gpu):
+        return None
+    return (f"it was built on {built['gpu']} and runs on {running.gpu}: TensorRT guarantees a plan built without "
+            "hardware compatibility only on the GPU model that built it; verify it here, or rebuild it here")
 
 
 def profile_batch_sizes(min_batch: int, max_batch: int) -> list[int]:
@@ -190,9 +206,15 @@ def merge_timing_cache(path: str | Path, merge: Callable[[bytes], bytes]) -> Non
         write_timing_cache(path, merge(read_timing_cache(path)))
 
 
-def engine_key(runtime: dict) -> str:
-    """What a plan or timing cache is tied to, for file names: TensorRT version and compute capability."""
-    return f"trt{runtime['tensorrt']}-sm{runtime['compute_capability'].replace('.', '')}"
+def engine_key(runtime: RuntimeInfo) -> str:
+    """What a plan or timing cache is tied to, for file names: TensorRT version, GPU model and compute capability.
+
+    The GPU model, not only its compute capability: ``setTimingCache`` refuses a cache made on another
+    device whose properties differ (NvInfer.h, IBuilderConfig::setTimingCache), and an L4 and an RTX 4090
+    are both 8.9; nor does TensorRT promise a plan to another model (``gpu_caveat``). The platform too.
+    """
+    gpu = re.sub(r"[^a-z0-9]+", "-", runtime.gpu.lower()).strip("-")
+    return f"trt{runtime.tensorrt}-sm{runtime.compute_capability.replace('.', '')}-{gpu}-{runtime.platform}"
 
 
 #: Tokens of TensorRT's "Format/Datatype" strings (engine inspector, DETAILED) and the precision each names;
@@ -232,25 +254,37 @@ def convolution_precisions(layers: list[dict]) -> dict[str, int]:
 # --------------------------------------------------------------------------- TensorRT
 
 
-def runtime_info() -> dict:
-    """TensorRT version, GPU name, compute capability and the CUDA that TensorRT runs on here.
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Where a plan is built or run: the fields every engine manifest starts with (``EngineBuild``).
 
     ``cuda_driver``: the CUDA version the installed driver supports (``cuDriverGetVersion`` of
     libcuda.so.1, what every CUDA library runs on); ``tensorrt_cuda``: the CUDA major the TensorRT
     wheel was built for (its distribution name, ``tensorrt-cu12`` / ``tensorrt-cu13``); torch's build
-    CUDA is not TensorRT's and is not recorded as such.
+    CUDA is not TensorRT's and is not recorded as such. ``platform``: OS and CPU architecture
+    (``linux-x86_64``, ``linux-aarch64``), which a plan is tied to.
     """
-    import tensorrt as trt
-    import torch
 
-    major, minor = torch.cuda.get_device_capability()
-    return {
-        "tensorrt": trt.__version__,
-        "gpu": torch.cuda.get_device_name(),
-        "compute_capability": f"{major}.{minor}",
-        "cuda_driver": cuda_driver_version(),
-        "tensorrt_cuda": tensorrt_cuda_major(),
-    }
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    platform: str
+    cuda_driver: str | None
+    tensorrt_cuda: str | None
+
+
+def runtime_info() -> RuntimeInfo:
+    """The TensorRT, GPU, platform and CUDA of this machine."""
+    import tensorrt as trt
+
+    gpu, compute_capability = device.current().identity()
+    return RuntimeInfo(tensorrt=trt.__version__, gpu=gpu, compute_capability=compute_capability,
+                       platform=this_platform(), cuda_driver=cuda_driver_version(), tensorrt_cuda=tensorrt_cuda_major())
+
+
+def this_platform() -> str:
+    """OS and CPU architecture, as plans are tied to them: ``linux-x86_64``."""
+    return f"{platform.system().lower()}-{platform.machine().lower()}"
 
 
 def cuda_version_text(version: int) -> str:
@@ -322,12 +356,10 @@ def _strongly_typed_network(builder, onnx_path: Path, logger):
 
 @dataclass
 class EngineBuild:
-    """What built a plan and where it can run: the plan manifest's core (``to_dict``)."""
+    """What built a plan and where it can run: the plan manifest's core (``to_dict``), one definition for the
+    build, ``triton`` and the tests."""
 
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-    cuda: str | None
+    runtime: RuntimeInfo
     onnx: str
     onnx_sha256: str
     precision: dict
@@ -337,7 +369,9 @@ class EngineBuild:
     io: list[dict]  # name, mode (input/output), dtype (trt.DataType name), shape (-1 where dynamic)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The manifest's fields: the runtime's at the top level, then the build's."""
+        record = asdict(self)
+        return {**record.pop("runtime"), **record}
 
 
 def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfile = BatchProfile(),
@@ -351,7 +385,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
 
     options = options or BuildOptions()
 
-    from .onnx_graph import read_metadata
+    from .onnx_graph import graph_precision
 
     onnx_path, output = Path(onnx_path), Path(output)
     input_name, onnx_batch, chw = onnx_io(onnx_path)
@@ -397,10 +431,10 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     if options.timing_cache:
         merge_timing_cache(options.timing_cache, functools.partial(_combined_cache, config, cache))
     return EngineBuild(
-        **runtime_info(),
+        runtime=runtime_info(),
         onnx=str(onnx_path),
         onnx_sha256=sha256_file(onnx_path),
-        precision=read_metadata(onnx_path).get("precision", {"dtype": "fp32"}),
+        precision=graph_precision(onnx_path),
         profile={"input": input_name, **{k: list(v) for k, v in shapes.items()}},
         build_seconds=round(build_seconds, 2),
         options=asdict(options),
@@ -433,13 +467,17 @@ def load_manifest(plan: str | Path) -> dict | None:
 
 
 class TrtRunner:
-    """A TensorRT plan as a Runner: numpy in, numpy out, torch CUDA tensors as buffers.
+    """A TensorRT plan as a Runner: numpy in, numpy out, device tensors (``device.current()``) as buffers.
 
     The manifest (``manifest``, else the plan's sidecar) is checked against this machine before
-    deserializing, so a plan from another TensorRT version or GPU fails with a clear message. Every
-    execution context of the runner draws on one activation block (``scratch``): they all run in
+    deserializing, so a plan from another TensorRT version, GPU or platform fails with a clear message.
+    Every execution context of the runner draws on one activation block (``scratch``): they all run in
     order on the runner's stream. ``cuda_graph=True`` captures the enqueue once per input shape, each
     in its own context with its own input and output buffers, and replays it.
+
+    One runner may be called from several threads: a lock keeps each call's shape, addresses and
+    enqueue together, since they share the context, its graphs and the activation block; calls run
+    one after another on the runner's stream. For parallel inference, use one runner per thread.
     """
 
     def __init__(self, plan: str | Path, cuda_graph: bool = False, manifest: dict | None = None):
@@ -449,17 +487,26 @@ class TrtRunner:
 
         plan = Path(plan)
         manifest = manifest or load_manifest(plan)
+        self.device = device.current()
+        self.runtime = trt.Runtime(logger())
         if manifest is None:
-            log.warning(f"{plan} has no manifest ({manifest_path(plan).name}): its TensorRT version and GPU are unchecked")
+            log.warning(f"{plan} has no manifest ({manifest_path(plan).name}): its TensorRT version, GPU and "
+                        "platform are unchecked, and it may carry its own runtime code (a version-compatible "
+                        "plan), which is allowed")
         else:
-            problem = incompatibility(manifest, runtime_info())
+            running = runtime_info()
+            problem = incompatibility(manifest, running)
             if problem:
                 raise EngineError(f"{plan} cannot run here: {problem}; rebuild it here with: "
                                   f"resnet-export trt --onnx {manifest.get('onnx', 'MODEL.onnx')} -o {plan}")
-        self.runtime = trt.Runtime(logger())
-        if manifest and manifest.get("options", {}).get("version_compatible"):
-            # A version-compatible plan carries its own runtime code; the runtime must be allowed to
-            # run it before deserializing (sampleEngines.cpp; Polygraphy's EngineFromBytes does the same).
+            caveat = gpu_caveat(manifest, running)
+            if caveat:
+                log.warning(f"{plan}: {caveat}")
+        if manifest is None or manifest.get("options", {}).get("version_compatible"):
+            # A version-compatible plan carries its own runtime code; the runtime must be allowed to run it
+            # before deserializing (sampleEngines.cpp). Without a manifest nothing says whether the plan is
+            # one (trtexec --versionCompatible writes none): Polygraphy's EngineFromBytes
+            # (backend/trt/loader.py) sets the flag for every plan it loads.
             self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
@@ -470,11 +517,12 @@ class TrtRunner:
         self._dtypes = {n: getattr(torch, torch_dtype_name(self.engine.get_tensor_dtype(n).name, n)) for n in names}
         # device_memory_size_v2: what one context needs, for every profile (pyCore.cpp binds getDeviceMemorySizeV2).
         # torch's CUDA blocks are 512-byte aligned, above the 256 bytes TensorRT asks of this memory.
-        self.scratch = torch.empty(max(1, self.engine.device_memory_size_v2), dtype=torch.uint8, device="cuda")
+        self.scratch = self.device.empty((max(1, self.engine.device_memory_size_v2),), torch.uint8)
         self.context = self._new_context()
-        self.stream = torch.cuda.Stream()
+        self.stream = self.device.new_stream()
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple[int, ...], tuple] = {}
+        self._lock = threading.Lock()
         self.name = f"trt:{plan.name}"
 
     def _new_context(self):
@@ -497,80 +545,71 @@ class TrtRunner:
 
     def _bind(self, context, batch, shape: tuple[int, ...]):
         """Set the input shape and both addresses on ``context``; returns the new output tensor."""
-        import torch
-
         # setInputShape returns false for a shape outside the optimization profile (NvInferRuntime.h);
         # running anyway would read past the buffer or return the wrong rows.
         if not context.set_input_shape(self.input_name, shape):
             low, high = self.profile_min_batch, self.profile_max_batch
             raise EngineError(f"batch shape {list(shape)} is outside the engine's profile (batch {low} to {high})")
-        out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self._dtypes[self.output_name],
-                          device=batch.device)
+        out = self.device.empty(tuple(context.get_tensor_shape(self.output_name)), self._dtypes[self.output_name])
         # setTensorAddress returns false for a misaligned or null address (TensorRT wants 256-byte alignment).
         for name, tensor in ((self.input_name, batch), (self.output_name, out)):
             if not context.set_tensor_address(name, tensor.data_ptr()):
                 raise EngineError(f"TensorRT refused the buffer address of '{name}' (it must be 256-byte aligned)")
         return out
 
+    def _execute(self, context) -> None:
+        if not context.execute_async_v3(self.device.handle(self.stream)):
+            raise EngineError("TensorRT execution failed (see the TensorRT log above)")
+
     def enqueue(self, batch):
-        """Queue a run of a CUDA tensor on ``self.stream`` and return its output tensor without waiting.
+        """Queue a run of a device tensor on ``self.stream`` and return its output tensor without waiting.
 
         The output is complete once ``self.stream`` has reached this point: synchronize the stream, or
         make another stream wait on it, before reading it (``infer_device`` synchronizes). What the
         benchmark times with CUDA events recorded on ``self.stream``. The tensor returned belongs to
         the caller: with CUDA graphs it is a copy of the graph's buffer.
         """
-        import torch
-
         shape = tuple(batch.shape)
-        # The input was made (and cast) on torch's current stream: order the engine's stream after it, and
-        # keep its memory from being reused before the engine's stream has read it.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        batch.record_stream(self.stream)
-        with torch.cuda.stream(self.stream):
-            batch = batch.to(self._dtypes[self.input_name]).contiguous()
-            if self.cuda_graph and shape in self._graphs:
-                graph, static_in, static_out = self._graphs[shape][1:]
-                static_in.copy_(batch)
-                graph.replay()
-                return static_out.clone()
-            if self.cuda_graph:
-                return self._capture(batch, shape)
-            out = self._bind(self.context, batch, shape)
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise EngineError("TensorRT execution failed (see the TensorRT log above)")
-            return out
+        with self._lock:
+            # The input was made (and cast) on torch's current stream: order the engine's stream after it.
+            self.device.follow_current(self.stream, batch)
+            with self.device.on(self.stream):
+                batch = batch.to(self._dtypes[self.input_name]).contiguous()
+                if self.cuda_graph and shape in self._graphs:
+                    graph, static_in, static_out = self._graphs[shape][1:]
+                    static_in.copy_(batch)
+                    self.device.replay(graph)
+                    return static_out.clone()
+                if self.cuda_graph:
+                    return self._capture(batch, shape)
+                out = self._bind(self.context, batch, shape)
+                self._execute(self.context)
+                return out
 
     def infer_device(self, batch):
-        """Run a CUDA tensor already on the device; returns the CUDA output tensor, complete (no host copies)."""
+        """Run a tensor already on the device; returns the device output tensor, complete (no host copies)."""
         out = self.enqueue(batch)
-        self.stream.synchronize()
+        self.device.synchronize(self.stream)
         return out
 
     def _capture(self, batch, shape: tuple[int, ...]):
         """Run once and capture the enqueue for ``shape`` in a context and buffers of its own.
 
         As trtexec does (sampleInference.cpp), a run comes first (TensorRT finishes its lazy set-up
-        outside the capture), and the capture is thread-local (sampleDevice.h, ``TrtCudaGraph::beginCapture``:
-        ``cudaStreamCaptureModeThreadLocal``): a potentially unsafe CUDA call of another thread, such as
-        another model's runner allocating memory in a serving thread, neither breaks the capture nor
-        fails. A failed capture turns CUDA graphs off for this runner: every shape runs plain enqueues
-        from then on.
+        outside the capture), and the capture is thread-local on the runner's stream
+        (``CudaDevice.capture``): a potentially unsafe CUDA call of another thread, such as another
+        model's runner allocating memory in a serving thread, neither breaks the capture nor fails.
+        A failed capture turns CUDA graphs off for this runner: every shape runs plain enqueues from then on.
         """
-        import torch
-
         context = self._new_context()
         static_in = batch.clone()
         static_out = self._bind(context, static_in, shape)
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise EngineError("TensorRT execution failed (see the TensorRT log above)")
-        graph = torch.cuda.CUDAGraph()
+        self._execute(context)
         try:
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                captured = context.execute_async_v3(self.stream.cuda_stream)
+            graph = self.device.capture(self.stream, lambda: context.execute_async_v3(self.device.handle(self.stream)))
         except RuntimeError:
-            captured = False
-        if captured:
+            graph = None
+        if graph is not None:
             self._graphs[shape] = (context, graph, static_in, static_out)
         else:
             self.cuda_graph = False  # this engine cannot be captured: plain enqueues from now on
@@ -578,10 +617,7 @@ class TrtRunner:
         return static_out.clone()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
-        return self.infer_device(tensor).float().cpu().numpy()
+        return self.infer_device(self.device.upload(batch)).float().cpu().numpy()
 
     @property
     def profile_min_batch(self) -> int:

@@ -96,3 +96,16 @@ def digits_r18(digit_images):
     from .digits import RESNET18
 
     return _trained_digits_model(digit_images, RESNET18, "resnet18")
+
+
+@pytest.fixture
+def trt_double(monkeypatch):
+    """The TensorRT double on host memory (tests/trt_double) in place of TensorRT and CUDA, for this test.
+
+    What runs on it is the toolkit's own TensorRT glue; no figure from it is a TensorRT figure."""
+    from resnet_export import trt
+
+    from .trt_double import install
+
+    yield install(monkeypatch)
+    trt.logger.cache_clear()

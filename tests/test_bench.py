@@ -96,27 +96,6 @@ def test_gaps_are_stated(matrix):
 
 
 @pytest.mark.slow
-@pytest.mark.gpu
-@pytest.mark.trt
-@pytest.mark.skipif(backend_unavailable("trt") is not None, reason=f"needs TensorRT and a GPU: {backend_unavailable('trt')}")
-def test_a_plan_whose_manifest_says_it_runs_elsewhere_is_rebuilt_not_an_error_row(matrix):
-    import json
-
-    from resnet_export.trt import runtime_info
-
-    model, folder, _, _ = matrix
-    calibration = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
-    artifacts = Artifacts(model, folder / "artifacts", calibration)
-    plan = artifacts.engine("fp32", 4)  # the matrix's, reused
-    assert runtime_info()["tensorrt"] in plan.name
-    sidecar = plan.with_name(plan.name + ".json")
-    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "tensorrt": "9.0.0"}))  # as if upgraded since
-    before = plan.stat().st_mtime_ns
-    assert artifacts.engine("fp32", 4) == plan and plan.stat().st_mtime_ns != before
-    assert json.loads(sidecar.read_text())["tensorrt"] == runtime_info()["tensorrt"]
-
-
-@pytest.mark.slow
 def test_artifacts_are_reused_and_keyed_by_calibration(matrix):
     model, folder, _, _ = matrix
     calibration = np.random.default_rng(5).standard_normal((16, 3, 32, 32), dtype=np.float32)
@@ -204,23 +183,30 @@ def test_artifacts_are_keyed_by_everything_that_defines_the_model(tmp_path):
 def test_bench_plans_are_keyed_on_tensorrt_and_gpu_and_reused_only_where_they_run(tmp_path):
     """After a TensorRT upgrade or on another GPU, bench builds a new plan and timing cache instead of
     failing on the old ones; a plan is reused only when its manifest passed and says it runs here."""
+    from dataclasses import asdict, replace
+
     from resnet_export.manifest import write_manifest
     from resnet_export.models import load_model
+    from resnet_export.trt import BatchProfile
+
+    from .test_trt import HERE
 
     artifacts = Artifacts(load_model(arch="resnet18", num_classes=10, input_size=(32, 32)), tmp_path,
                           np.zeros((2, 3, 32, 32), np.float32))
-    here = {"tensorrt": "10.13.3", "compute_capability": "8.9", "gpu": "NVIDIA L4"}
-    plan, cache = artifacts.engine_files("int8", 8, here)
-    assert plan.name == f"int8-{artifacts.calib_key}-b8-trt10.13.3-sm89.plan" and cache.name == "timing-trt10.13.3-sm89.cache"
-    for other in ({"tensorrt": "11.4.0"}, {"compute_capability": "9.0"}):
-        assert set(artifacts.engine_files("int8", 8, {**here, **other})).isdisjoint({plan, cache})
-    assert not artifacts.reusable(plan, here)  # not built yet
+    profile = BatchProfile(1, 8, 8)
+    plan, cache = artifacts.engine_files("int8", profile, HERE)
+    key = "trt10.13.3-sm89-nvidia-l4-linux-x86_64"
+    assert plan.name == f"int8-{artifacts.calib_key}-b1-8-8-{key}.plan" and cache.name == f"timing-{key}.cache"
+    assert artifacts.engine_files("int8", BatchProfile(1, 4, 4), HERE)[0] != plan  # one plan per benchmarked batch
+    for other in ({"tensorrt": "11.4.0"}, {"compute_capability": "9.0"}, {"gpu": "NVIDIA GeForce RTX 4090"}):
+        assert set(artifacts.engine_files("int8", profile, replace(HERE, **other))).isdisjoint({plan, cache})
+    assert not artifacts.reusable(plan, HERE)  # not built yet
     plan.write_bytes(b"stand-in: reuse is decided from the manifest")
-    write_manifest(plan, stage="engine", **here, options={}, verification={"passed": True})
-    assert artifacts.reusable(plan, here) and artifacts.reusable(plan, {**here, "gpu": "NVIDIA RTX 4090"})
-    assert not artifacts.reusable(plan, {**here, "tensorrt": "10.13.4"})  # a copied-in plan of another TensorRT
-    write_manifest(plan, stage="engine", **here, options={}, verification={"passed": False})
-    assert not artifacts.reusable(plan, here)  # failed its gate: built again
+    write_manifest(plan, stage="engine", **asdict(HERE), options={}, verification={"passed": True})
+    assert artifacts.reusable(plan, HERE)
+    assert not artifacts.reusable(plan, replace(HERE, tensorrt="10.13.4"))  # a copied-in plan of another TensorRT
+    write_manifest(plan, stage="engine", **asdict(HERE), options={}, verification={"passed": False})
+    assert not artifacts.reusable(plan, HERE)  # failed its gate: built again
 
 
 @pytest.mark.slow

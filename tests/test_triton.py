@@ -1,4 +1,8 @@
-"""`triton`: model repository entries, validated as Triton's own ModelConfig; a live server where one exists."""
+"""`triton`: model repository entries, validated as Triton's own ModelConfig; a live server where one exists.
+
+Plan entries are made from plans built on the TensorRT double (tests/trt_double): what `triton` reads of a plan
+is its manifest, written by the same code as a real build's.
+"""
 
 import json
 import re
@@ -13,10 +17,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from resnet_export.manifest import write_manifest
-from resnet_export.trt import EngineBuild
 
 from .conftest import IMAGES
 from .test_cli import assert_one_line_error, run
+from .trt_double import HOST_GPU
+from .trt_double.tensorrt import __version__ as DOUBLE
 
 
 def _config(model_dir):
@@ -130,24 +135,18 @@ def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
 
 
 def write_plan(folder, onnx_path, *, profile=(1, 8, 16), options=None, name="r18"):
-    """A plan file beside a manifest written by the trt layer's own code (no TensorRT here: the bytes are a
-    stand-in; config rendering reads the manifest only)."""
+    """A plan and its manifest, built by the trt layer's own code on the TensorRT double (``trt_double``
+    must be installed): what `triton` reads of it is what a real build writes."""
+    from resnet_export.trt import BatchProfile, BuildOptions, build_engine
+
     path = folder / f"{name}.plan"
-    path.write_bytes(b"stand-in: config rendering reads the manifest only")
-    low, opt, high = profile
-    build = EngineBuild(
-        tensorrt="11.4.0", gpu="NVIDIA L4", compute_capability="8.9", cuda="13.0", onnx=str(onnx_path),
-        onnx_sha256="0" * 64, precision={"dtype": "fp16"},
-        profile={"input": "input", "min": [low, 3, 64, 64], "opt": [opt, 3, 64, 64], "max": [high, 3, 64, 64]},
-        build_seconds=1.0, options={"version_compatible": False, "hardware_compatible": False, **(options or {})},
-        io=[{"name": "input", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 64, 64]},
-            {"name": "logits", "mode": "output", "dtype": "FLOAT", "shape": [-1, 5]}])
+    build = build_engine(onnx_path, path, BatchProfile(*profile), BuildOptions(**(options or {})))
     write_manifest(path, stage="engine", **build.to_dict(), verification=None)
     return path
 
 
 @pytest.fixture
-def plan(resnet18_onnx, tmp_path):
+def plan(trt_double, resnet18_onnx, tmp_path):
     return write_plan(tmp_path, resnet18_onnx.path)
 
 
@@ -170,12 +169,12 @@ def test_plan_entry_runs_only_where_it_was_built(plan, tmp_path):
     assert not triton_plan_file(model_dir, config, "9.0").exists()  # another GPU finds nothing to load
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     readme = (model_dir / "README.md").read_text()
-    assert "Built with TensorRT 11.4.0 on NVIDIA L4 (compute capability 8.9)" in readme
-    assert "TensorRT 11.4.0 exactly" in readme and "only on GPUs of compute capability 8.9" in readme
+    assert f"Built with TensorRT {DOUBLE} on {HOST_GPU} (compute capability 8.9)" in readme
+    assert f"TensorRT {DOUBLE} exactly" in readme and "only on GPUs of compute capability 8.9" in readme
     assert "version-compatible=true" not in readme + result.stderr
 
 
-def test_hardware_compatible_plan_is_the_default_file(resnet18_onnx, tmp_path):
+def test_hardware_compatible_plan_is_the_default_file(trt_double, resnet18_onnx, tmp_path):
     plan = write_plan(tmp_path, resnet18_onnx.path, options={"hardware_compatible": True})
     assert run("triton", plan, "--repo", tmp_path / "repo").exit_code == 0
     model_dir = tmp_path / "repo" / "r18"
@@ -185,18 +184,18 @@ def test_hardware_compatible_plan_is_the_default_file(resnet18_onnx, tmp_path):
     assert "Hardware-compatible (Ampere and newer)" in (model_dir / "README.md").read_text()
 
 
-def test_version_compatible_plan_says_how_to_start_the_server(resnet18_onnx, tmp_path):
+def test_version_compatible_plan_says_how_to_start_the_server(trt_double, resnet18_onnx, tmp_path):
     plan = write_plan(tmp_path, resnet18_onnx.path, options={"version_compatible": True})
     result = run("triton", plan, "--repo", tmp_path / "repo")
     assert result.exit_code == 0, result.output
     flag = "--backend-config=tensorrt,version-compatible=true"
     assert "is version-compatible: Triton loads it only when tritonserver runs with " + flag in result.stderr
     readme = (tmp_path / "repo" / "r18" / "README.md").read_text()
-    assert f"tritonserver --model-repository=REPO {flag}" in readme and "TensorRT is 11.4.0 or a later release" in readme
+    assert f"tritonserver --model-repository=REPO {flag}" in readme and f"TensorRT is {DOUBLE} or a later release" in readme
     assert flag not in (tmp_path / "repo" / "r18" / "config.pbtxt").read_text()  # no config field can carry it
 
 
-def test_fixed_batch_plan_is_served_without_batching(resnet18_onnx, tmp_path):
+def test_fixed_batch_plan_is_served_without_batching(trt_double, resnet18_onnx, tmp_path):
     from resnet_export.triton import check_config
 
     plan = write_plan(tmp_path, resnet18_onnx.path, profile=(4, 4, 4))

@@ -8,8 +8,11 @@ import torch
 from resnet_export.errors import EXIT_TRT_UNAVAILABLE
 from resnet_export.trt import (
     BatchProfile,
+    EngineBuild,
     EngineError,
+    RuntimeInfo,
     check_profile,
+    gpu_caveat,
     incompatibility,
     onnx_io,
     profile_batch_sizes,
@@ -25,7 +28,18 @@ from .test_cli import assert_one_line_error, run
 REASON = unavailable_reason()
 skip_without_trt = pytest.mark.skipif(REASON is not None, reason=f"needs TensorRT and a CUDA GPU: {REASON}")
 
-BUILT = {"tensorrt": "10.13.3", "compute_capability": "8.9", "gpu": "NVIDIA L4", "options": {}}
+HERE = RuntimeInfo(tensorrt="10.13.3", gpu="NVIDIA L4", compute_capability="8.9", platform="linux-x86_64",
+                   cuda_driver="12.8", tensorrt_cuda="12")
+#: A plan manifest's fields as the build writes them (EngineBuild.to_dict), built on HERE.
+BUILT = EngineBuild(runtime=HERE, onnx="m.onnx", onnx_sha256="0" * 64, precision={"dtype": "fp32"}, profile={},
+                    build_seconds=1.0, options={}, io=[]).to_dict()
+
+
+def running(**changes) -> RuntimeInfo:
+    """HERE with ``changes``: the machine a plan is run on."""
+    from dataclasses import replace
+
+    return replace(HERE, **changes)
 
 
 def test_profile_validation():
@@ -53,33 +67,55 @@ def test_the_cuda_tensorrt_runs_on_is_read_from_the_driver_and_the_wheel():
         assert cuda_driver_version() is None
 
 
-def test_same_machine_is_compatible():
-    assert incompatibility(BUILT, {**BUILT, "gpu": "NVIDIA GeForce RTX 4090"}) is None  # another GPU, same CC 8.9
+def test_manifest_fields_are_the_runtime_and_the_build():
+    assert list(BUILT)[:6] == ["tensorrt", "gpu", "compute_capability", "platform", "cuda_driver", "tensorrt_cuda"]
+    assert BUILT["platform"] == "linux-x86_64" and "runtime" not in BUILT
+
+
+def test_same_machine_is_compatible_and_another_gpu_model_is_a_caveat():
+    assert incompatibility(BUILT, HERE) is None and gpu_caveat(BUILT, HERE) is None
+    rtx = running(gpu="NVIDIA GeForce RTX 4090")  # same compute capability, 8.9
+    assert incompatibility(BUILT, rtx) is None
+    assert "built on NVIDIA L4 and runs on NVIDIA GeForce RTX 4090" in gpu_caveat(BUILT, rtx)
+    assert gpu_caveat({**BUILT, "options": {"hardware_compatible": True}}, rtx) is None
 
 
 def test_mismatch_messages_say_both_sides():
-    message = incompatibility(BUILT, {"tensorrt": "11.4.0", "compute_capability": "9.0", "gpu": "NVIDIA H100"})
-    assert message == ("built with TensorRT 10.13.3 on compute capability 8.9 (NVIDIA L4), running TensorRT 11.4.0 "
-                       "on compute capability 9.0 (NVIDIA H100): TensorRT and GPU mismatch")
-    assert incompatibility(BUILT, {**BUILT, "tensorrt": "10.13.4"}).endswith("TensorRT mismatch")
-    assert incompatibility(BUILT, {**BUILT, "compute_capability": "8.6"}).endswith("GPU mismatch")
+    message = incompatibility(BUILT, running(tensorrt="11.4.0", compute_capability="9.0", gpu="NVIDIA H100"))
+    assert message == ("built with TensorRT 10.13.3 on compute capability 8.9 (NVIDIA L4, linux-x86_64), running "
+                       "TensorRT 11.4.0 on compute capability 9.0 (NVIDIA H100, linux-x86_64): TensorRT and GPU mismatch")
+    assert incompatibility(BUILT, running(tensorrt="10.13.4")).endswith("TensorRT mismatch")
+    assert incompatibility(BUILT, running(compute_capability="8.6")).endswith("GPU mismatch")
+
+
+def test_a_plan_runs_only_on_the_platform_that_built_it():
+    """An x86_64 H100 and an aarch64 GH200 are both 9.0; no compatibility option makes a plan cross platforms."""
+    h100 = {**BUILT, "compute_capability": "9.0", "gpu": "NVIDIA H100", "options": {"hardware_compatible": True,
+                                                                                  "version_compatible": True}}
+    gh200 = running(compute_capability="9.0", gpu="NVIDIA GH200", platform="linux-aarch64")
+    assert incompatibility(h100, gh200).endswith("(NVIDIA GH200, linux-aarch64): platform mismatch")
+    from resnet_export.trt import this_platform
+
+    assert this_platform().count("-") == 1 and this_platform() == this_platform().lower()
 
 
 def test_compatibility_options_widen_what_runs():
     built = {**BUILT, "options": {"version_compatible": True, "hardware_compatible": True}}
-    assert incompatibility(built, {**BUILT, "tensorrt": "10.14.1", "compute_capability": "9.0"}) is None
-    assert incompatibility(built, {**BUILT, "tensorrt": "11.0.0"}) is None  # 10 -> 11 is supported
-    assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "12.0.0"})
-    assert "TensorRT mismatch" in incompatibility(built, {**BUILT, "tensorrt": "10.12.0"})
+    assert incompatibility(built, running(tensorrt="10.14.1", compute_capability="9.0")) is None
+    assert incompatibility(built, running(tensorrt="11.0.0")) is None  # 10 -> 11 is supported
+    assert "TensorRT mismatch" in incompatibility(built, running(tensorrt="12.0.0"))
+    assert "TensorRT mismatch" in incompatibility(built, running(tensorrt="10.12.0"))
     eleven = {**built, "tensorrt": "11.4.0"}
-    assert "TensorRT mismatch" in incompatibility(eleven, {**BUILT, "tensorrt": "10.14.1"})
+    assert "TensorRT mismatch" in incompatibility(eleven, running(tensorrt="10.14.1"))
     assert incompatibility({**BUILT, "tensorrt": "8.6.1", "options": {"version_compatible": True}},
-                           {**BUILT, "tensorrt": "10.0.1"}) is None
-    assert "GPU mismatch" in incompatibility(built, {**BUILT, "compute_capability": "7.5"})
+                           running(tensorrt="10.0.1")) is None
+    assert "GPU mismatch" in incompatibility(built, running(compute_capability="7.5"))
 
 
 def test_a_manifest_without_versions_is_a_clear_mismatch():
-    assert "does not record the TensorRT version" in incompatibility({"onnx": "m.onnx"}, BUILT)
+    assert incompatibility({"onnx": "m.onnx"}, HERE) == (
+        "its manifest does not record the tensorrt, compute_capability, platform that built it")
+    assert "does not record the platform" in incompatibility({**BUILT, "platform": None}, HERE)
 
 
 def test_profile_batch_sizes_and_io_types():
@@ -130,12 +166,14 @@ def test_concurrent_builds_keep_each_others_timing_cache_entries(tmp_path):
     assert cache.read_bytes().splitlines() == [b"build 0", b"build 1", b"earlier build"]
 
 
-def test_engine_files_are_keyed_on_tensorrt_and_compute_capability():
+def test_engine_files_are_keyed_on_tensorrt_gpu_model_and_platform():
+    """An L4 and an RTX 4090 share compute capability 8.9 but not a timing cache (setTimingCache refuses it)."""
     from resnet_export.trt import engine_key
 
-    assert engine_key(BUILT) == "trt10.13.3-sm89"
-    assert len({engine_key({**BUILT, **other}) for other in
-                ({}, {"tensorrt": "11.4.0"}, {"compute_capability": "9.0"}, {"gpu": "NVIDIA RTX 4090"})}) == 3
+    assert engine_key(HERE) == "trt10.13.3-sm89-nvidia-l4-linux-x86_64"
+    others = ({}, {"tensorrt": "11.4.0"}, {"compute_capability": "9.0"}, {"gpu": "NVIDIA GeForce RTX 4090"},
+              {"platform": "linux-aarch64"}, {"cuda_driver": "13.0"})
+    assert len({engine_key(running(**other)) for other in others}) == 5
 
 
 #: The DETAILED layer record of NVIDIA's TensorRT developer guide ("Engine Inspector"), trimmed: an INT8 conv.
