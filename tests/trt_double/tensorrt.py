@@ -25,7 +25,7 @@ import numpy as np
 
 __version__ = "10.16.1.11+double"
 
-MAGIC = b"TRT-DOUBLE-PLAN\n"
+_MAGIC = b"TRT-DOUBLE-PLAN\n"
 
 
 class _Enum(enum.IntEnum):
@@ -86,9 +86,9 @@ class LayerInformationFormat(_Enum):
 
 
 #: ONNX element types -> TensorRT data types.
-ONNX_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 3: DataType.INT8, 6: DataType.INT32, 9: DataType.BOOL,
+_ONNX_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 3: DataType.INT8, 6: DataType.INT32, 9: DataType.BOOL,
               2: DataType.UINT8, 16: DataType.BF16, 7: DataType.INT64}
-NUMPY_TYPES = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
+_NUMPY_TYPES = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
                DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8, DataType.INT64: np.int64}
 
 
@@ -142,8 +142,8 @@ class ITensor:
 
 class INetworkDefinition:
     def __init__(self, flags: int):
-        self.flags = flags
-        self.onnx: bytes | None = None
+        self._creation_flags = flags
+        self._onnx: bytes | None = None
         self._inputs: list[ITensor] = []
         self._outputs: list[ITensor] = []
 
@@ -167,7 +167,7 @@ def _tensors(model) -> tuple[list[ITensor], list[ITensor]]:
 
     def tensor(value) -> ITensor:
         dims = tuple(d.dim_value if d.dim_value else -1 for d in value.type.tensor_type.shape.dim)
-        return ITensor(value.name, ONNX_TYPES[value.type.tensor_type.elem_type], dims)
+        return ITensor(value.name, _ONNX_TYPES[value.type.tensor_type.elem_type], dims)
 
     return ([tensor(v) for v in model.graph.input if v.name not in initializers],
             [tensor(v) for v in model.graph.output])
@@ -189,7 +189,7 @@ class ParserError:
 
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: ILogger):
-        self.network, self.logger = network, logger
+        self._network, self._logger = network, logger
         self._errors: list[ParserError] = []
 
     @property
@@ -209,33 +209,33 @@ class OnnxParser:
         except Exception as exc:  # what the real parser reports as an error, not an exception
             self._errors.append(ParserError("", "", f"cannot read {model}: {exc}"))
             return False
-        self.network.onnx = data
-        self.network._inputs, self.network._outputs = _tensors(proto)
+        self._network._onnx = data
+        self._network._inputs, self._network._outputs = _tensors(proto)
         return True
 
 
 class IOptimizationProfile:
     def __init__(self):
-        self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
 
     def set_shape(self, input: str, min, opt, max) -> None:  # noqa: A002 - the real keyword names
-        self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
+        self._shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
 class ITimingCache:
     """Entries (one per conv and opt shape) tied to the TensorRT version and the device that made them."""
 
     def __init__(self, origin: list, entries: set[str]):
-        self.origin, self.entries = origin, entries
+        self._origin, self._entries = origin, entries
 
     def combine(self, input_cache: ITimingCache, ignore_mismatch: bool) -> bool:
-        if input_cache.origin != self.origin and not ignore_mismatch:
+        if input_cache._origin != self._origin and not ignore_mismatch:
             return False
-        self.entries |= input_cache.entries
+        self._entries |= input_cache._entries
         return True
 
     def serialize(self) -> IHostMemory:
-        return IHostMemory(json.dumps({"origin": self.origin, "entries": sorted(self.entries)}).encode())
+        return IHostMemory(json.dumps({"origin": self._origin, "entries": sorted(self._entries)}).encode())
 
 
 class IBuilderConfig:
@@ -244,9 +244,9 @@ class IBuilderConfig:
         self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
         self.builder_optimization_level = 3
         self.hardware_compatibility_level = HardwareCompatibilityLevel.NONE
-        self.profiles: list[IOptimizationProfile] = []
-        self.pools: dict[MemoryPoolType, int] = {}
-        self.cache: ITimingCache | None = None
+        self._profiles: list[IOptimizationProfile] = []
+        self._pools: dict[MemoryPoolType, int] = {}
+        self._cache: ITimingCache | None = None
 
     def set_flag(self, flag: BuilderFlag) -> None:
         self._flags.add(BuilderFlag(flag))
@@ -258,11 +258,11 @@ class IBuilderConfig:
         return BuilderFlag(flag) in self._flags
 
     def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
+        self._profiles.append(profile)
+        return len(self._profiles) - 1
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
-        self.pools[pool] = pool_size
+        self._pools[pool] = pool_size
 
     def create_timing_cache(self, serialized_timing_cache) -> ITimingCache | None:
         data = bytes(serialized_timing_cache)
@@ -275,15 +275,15 @@ class IBuilderConfig:
             return None  # createTimingCache returns null for a blob it cannot read
 
     def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
-        if cache.origin != [__version__, *_device()] and not ignore_mismatch:
+        if cache._origin != [__version__, *_device()] and not ignore_mismatch:
             return False
-        self.cache = cache
+        self._cache = cache
         return True
 
 
 class Builder:
     def __init__(self, logger: ILogger):
-        self.logger = logger
+        self._logger = logger
 
     def create_network(self, flags=0) -> INetworkDefinition:
         return INetworkDefinition(flags)
@@ -299,83 +299,83 @@ class Builder:
 
         name, cc = _device()
         inputs = {t.name for t in network._inputs}
-        if network.onnx is None or len(config.profiles) != 1 or set(config.profiles[0].shapes) != inputs:
-            self.logger.log(ILogger.ERROR, "the network needs one optimization profile for its input")
+        if network._onnx is None or len(config._profiles) != 1 or set(config._profiles[0]._shapes) != inputs:
+            self._logger.log(ILogger.ERROR, "the network needs one optimization profile for its input")
             return None
         if config.hardware_compatibility_level == HardwareCompatibilityLevel.AMPERE_PLUS and int(cc.split(".")[0]) < 8:
-            self.logger.log(ILogger.ERROR, f"hardware compatibility needs Ampere or newer, not compute capability {cc}")
+            self._logger.log(ILogger.ERROR, f"hardware compatibility needs Ampere or newer, not compute capability {cc}")
             return None
-        profile = config.profiles[0].shapes
-        if config.cache is not None:  # what the build tuned, at the opt shape
+        profile = config._profiles[0]._shapes
+        if config._cache is not None:  # what the build tuned, at the opt shape
             opt = next(iter(profile.values()))[1]
-            model = onnx.load_from_string(network.onnx)
-            config.cache.entries |= {f"{n.name or n.output[0]}@{opt}" for n in model.graph.node if n.op_type == "Conv"}
+            model = onnx.load_from_string(network._onnx)
+            config._cache._entries |= {f"{n.name or n.output[0]}@{opt}" for n in model.graph.node if n.op_type == "Conv"}
         header = {"version": __version__, "gpu": name, "compute_capability": cc, "profile": profile,
                   "version_compatible": config.get_flag(BuilderFlag.VERSION_COMPATIBLE),
                   "hardware_compatible": config.hardware_compatibility_level != HardwareCompatibilityLevel.NONE,
                   "detailed": config.profiling_verbosity == ProfilingVerbosity.DETAILED}
-        return IHostMemory(MAGIC + json.dumps(header).encode() + b"\n" + network.onnx)
+        return IHostMemory(_MAGIC + json.dumps(header).encode() + b"\n" + network._onnx)
 
 
 class Runtime:
     def __init__(self, logger: ILogger):
-        self.logger = logger
+        self._logger = logger
         self.engine_host_code_allowed = False
 
     def deserialize_cuda_engine(self, serialized_engine) -> ICudaEngine | None:
         data = bytes(serialized_engine)
-        if not data.startswith(MAGIC):
-            self.logger.log(ILogger.ERROR, "Magic tag does not match")
+        if not data.startswith(_MAGIC):
+            self._logger.log(ILogger.ERROR, "Magic tag does not match")
             return None
-        header_line, onnx_bytes = data[len(MAGIC):].split(b"\n", 1)
+        header_line, onnx_bytes = data[len(_MAGIC):].split(b"\n", 1)
         header = json.loads(header_line)
         gpu, cc = _device()
         if header["version_compatible"] and not self.engine_host_code_allowed:
-            self.logger.log(ILogger.ERROR, "the engine holds host code and engine_host_code_allowed is False")
+            self._logger.log(ILogger.ERROR, "the engine holds host code and engine_host_code_allowed is False")
             return None
         if header["version"] != __version__ and not header["version_compatible"]:
-            self.logger.log(ILogger.ERROR, f"Version tag does not match: {header['version']} vs {__version__}")
+            self._logger.log(ILogger.ERROR, f"Version tag does not match: {header['version']} vs {__version__}")
             return None
         if header["compute_capability"] != cc and not header["hardware_compatible"]:
-            self.logger.log(ILogger.ERROR, f"built for compute capability {header['compute_capability']}, this is {cc}")
+            self._logger.log(ILogger.ERROR, f"built for compute capability {header['compute_capability']}, this is {cc}")
             return None
-        return ICudaEngine(header, onnx_bytes, self.logger)
+        return ICudaEngine(header, onnx_bytes, self._logger)
 
 
 class ICudaEngine:
     def __init__(self, header: dict, onnx_bytes: bytes, logger: ILogger):
         import onnx
 
-        self.header, self.onnx, self.logger = header, onnx_bytes, logger
-        self.model = onnx.load_from_string(onnx_bytes)
-        inputs, outputs = _tensors(self.model)
-        self.tensors = {t.name: (TensorIOMode.INPUT, t) for t in inputs}
-        self.tensors.update({t.name: (TensorIOMode.OUTPUT, t) for t in outputs})
+        self._header, self._onnx, self._logger = header, onnx_bytes, logger
+        self._model = onnx.load_from_string(onnx_bytes)
+        inputs, outputs = _tensors(self._model)
+        self._tensors = {t.name: (TensorIOMode.INPUT, t) for t in inputs}
+        self._tensors.update({t.name: (TensorIOMode.OUTPUT, t) for t in outputs})
         self._session = None
 
     @property
     def num_io_tensors(self) -> int:
-        return len(self.tensors)
+        return len(self._tensors)
 
     def get_tensor_name(self, index) -> str:
-        return list(self.tensors)[index]
+        return list(self._tensors)[index]
 
     def get_tensor_mode(self, name: str) -> TensorIOMode:
-        return self.tensors[name][0] if name in self.tensors else TensorIOMode.NONE
+        return self._tensors[name][0] if name in self._tensors else TensorIOMode.NONE
 
     def get_tensor_dtype(self, name: str) -> DataType:
-        return self.tensors[name][1].dtype
+        return self._tensors[name][1].dtype
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.tensors[name][1].shape
+        return self._tensors[name][1].shape
 
     def get_tensor_profile_shape(self, name: str, profile_index) -> list[tuple[int, ...]]:
-        return [tuple(s) for s in self.header["profile"][name]]
+        return [tuple(s) for s in self._header["profile"][name]]
 
     @property
     def device_memory_size_v2(self) -> int:
         """Activation memory a context needs: a made-up figure that grows with the profile's largest batch."""
-        return (1 << 20) * max(s[2][0] for s in self.header["profile"].values())
+        return (1 << 20) * max(s[2][0] for s in self._header["profile"].values())
 
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> IExecutionContext:
         return IExecutionContext(self, ExecutionContextAllocationStrategy(strategy))
@@ -383,51 +383,51 @@ class ICudaEngine:
     def create_engine_inspector(self) -> EngineInspector:
         return EngineInspector(self)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         """The ONNX on ONNX Runtime's CPU provider, float16 QuantizeLinear rounded as the spec says."""
         if self._session is None:
             from resnet_export.runners import OrtRunner
 
-            self._session = OrtRunner(self.onnx)
+            self._session = OrtRunner(self._onnx)
         return self._session.session.run(None, {self._session.input_name: batch})[0]
 
 
 class IExecutionContext:
     def __init__(self, engine: ICudaEngine, strategy: ExecutionContextAllocationStrategy):
-        self.engine, self.strategy = engine, strategy
+        self._engine, self._strategy = engine, strategy
         self._memory: tuple[int, int] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._addresses: dict[str, int] = {}
 
     def set_device_memory(self, memory: int, size: int) -> None:
-        if size < self.engine.device_memory_size_v2:
-            self.engine.logger.log(ILogger.ERROR, f"device memory of {size} bytes is below the "
-                                   f"{self.engine.device_memory_size_v2} the engine needs")
+        if size < self._engine.device_memory_size_v2:
+            self._engine._logger.log(ILogger.ERROR, f"device memory of {size} bytes is below the "
+                                   f"{self._engine.device_memory_size_v2} the engine needs")
             return
         self._memory = (memory, size)
 
     def set_input_shape(self, name: str, shape) -> bool:
         shape = tuple(shape)
-        mode, tensor = self.engine.tensors.get(name, (None, None))
+        mode, tensor = self._engine._tensors.get(name, (None, None))
         if mode != TensorIOMode.INPUT or len(shape) != len(tensor.shape):
             return False
-        low, _, high = self.engine.get_tensor_profile_shape(name, 0)
+        low, _, high = self._engine.get_tensor_profile_shape(name, 0)
         if any(not lo <= s <= hi for lo, s, hi in zip(low, shape, high)):
             return False
         self._shapes[name] = shape
         return True
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        mode, tensor = self.engine.tensors[name]
+        mode, tensor = self._engine._tensors[name]
         if mode == TensorIOMode.INPUT:
             return self._shapes.get(name, tensor.shape)
         batch = next(iter(self._shapes.values()), (-1,))[0]
         return tuple(batch if d == -1 else d for d in tensor.shape)
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
-        if name not in self.engine.tensors or not memory:
+        if name not in self._engine._tensors or not memory:
             return False
-        itemsize = np.dtype(NUMPY_TYPES[self.engine.get_tensor_dtype(name)]).itemsize
+        itemsize = np.dtype(_NUMPY_TYPES[self._engine.get_tensor_dtype(name)]).itemsize
         if memory % itemsize:
             return False
         self._addresses[name] = memory
@@ -440,12 +440,12 @@ class IExecutionContext:
         problem = None
         if stream is None:
             problem = f"stream handle {stream_handle} is not a stream of this double's host device"
-        elif self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None:
+        elif self._strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None:
             problem = "a USER_MANAGED context has no device memory (set_device_memory)"
-        elif set(self._addresses) != set(self.engine.tensors) or not self._shapes:
+        elif set(self._addresses) != set(self._engine._tensors) or not self._shapes:
             problem = "every input shape and every I/O address must be set before enqueueing"
         if problem:
-            self.engine.logger.log(ILogger.ERROR, problem)
+            self._engine._logger.log(ILogger.ERROR, problem)
             return False
         job = self._job(dict(self._shapes), dict(self._addresses))
         if stream.capturing is not None:
@@ -458,12 +458,12 @@ class IExecutionContext:
         """Read the input at its address, run, write the output at its address: what one enqueue does."""
         def run() -> None:
             (input_name, shape), = shapes.items()
-            dtype = NUMPY_TYPES[self.engine.get_tensor_dtype(input_name)]
+            dtype = _NUMPY_TYPES[self._engine.get_tensor_dtype(input_name)]
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
             batch = np.frombuffer(ctypes.string_at(addresses[input_name], size), dtype).reshape(shape)
-            for name, (mode, tensor) in self.engine.tensors.items():
+            for name, (mode, tensor) in self._engine._tensors.items():
                 if mode == TensorIOMode.OUTPUT:
-                    out = np.ascontiguousarray(self.engine.run(batch), NUMPY_TYPES[tensor.dtype])
+                    out = np.ascontiguousarray(self._engine._run(batch), _NUMPY_TYPES[tensor.dtype])
                     assert out.shape == self.get_tensor_shape(name), (out.shape, self.get_tensor_shape(name))
                     ctypes.memmove(addresses[name], out.ctypes.data, out.nbytes)
         return run
@@ -474,21 +474,21 @@ class EngineInspector:
     need a context whose input shapes are set (else "N/A due to dynamic shapes")."""
 
     def __init__(self, engine: ICudaEngine):
-        self.engine = engine
+        self._engine = engine
         self.execution_context: IExecutionContext | None = None
 
     def get_engine_information(self, format: LayerInformationFormat) -> str:  # noqa: A002 - the real keyword
         import onnx
 
-        nodes = [n for n in self.engine.model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
-        bindings = list(self.engine.tensors)
-        if not self.engine.header["detailed"]:
+        nodes = [n for n in self._engine._model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+        bindings = list(self._engine._tensors)
+        if not self._engine._header["detailed"]:
             return json.dumps({"Layers": [n.name for n in nodes], "Bindings": bindings})
         shapes_set = self.execution_context is not None and self.execution_context._shapes
-        inferred = onnx.shape_inference.infer_shapes(self.engine.model)
+        inferred = onnx.shape_inference.infer_shapes(self._engine._model)
         types = {v.name: v.type.tensor_type.elem_type for v in
                  list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-        producers = {out: n for n in self.engine.model.graph.node for out in n.output}
+        producers = {out: n for n in self._engine._model.graph.node for out in n.output}
 
         def fmt(tensor: str) -> str:
             if not shapes_set:
