@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test bench-ci bench-baseline bench clean
+.PHONY: install demo test api-check bench-ci bench-baseline bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# The GPU modules type-checked against the real TensorRT Python bindings (imported over a NULL shim: API only,
+# nothing builds or runs) of the oldest supported 10.x, the newest 10.x and the newest 11.x (tools/trt_api_versions).
+# Wheels, shims and stubs are cached under $(VENV)/trt-api; tests/test_trt_double.py holds the test double to the
+# same stubs. Needs gcc and PyPI.
+TRT_API_VERSIONS = $(shell cat tools/trt_api_versions)
+api-check: $(STAMP)
+	PYRIGHT_PYTHON_CACHE_DIR=$(abspath $(VENV))/pyright $(BIN)/python tools/trt_api_check.py $(VENV)/trt-api $(TRT_API_VERSIONS)
 
 # The short CPU benchmark CI runs after the tests; it prints its Markdown report and the comparison with the
 # committed baseline of this CPU class (benchmarks/baselines/), failing (exit 3) on a regression.
