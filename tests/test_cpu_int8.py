@@ -96,20 +96,14 @@ def test_calibration_and_verification_share_no_sample(tmp_path, kind):
 # --------------------------------------------------------------------------- fused vs exact
 
 
-def overflow_artifact(path, channels: int = 8192, kernel: int = 3) -> None:
-    """A two-class Q/DQ conv whose int32 accumulator overflows in ONNX Runtime's fused kernel on any CPU.
-
-    uint8 input at 255 times int8 weights at +-127 over 8192 x 3 x 3 terms sums to 2.4e9 > 2**31: the
-    fused QLinearConv wraps around while the exact run (Dequantize, float Conv, Quantize) does not. It
-    stands in for saturation where no CPU without VNNI is at hand.
-    """
-    w = np.full((2, channels, kernel, kernel), 127, np.int8)
-    w[1] = -127
-    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(2, 0.01, np.float32), "w_s"),
+def qdq_conv_artifact(path, weights: np.ndarray, y_scale: float) -> None:
+    """A two-class Q/DQ conv: uint8 input (scale 1/255), int8 ``weights`` (scale 0.01), uint8 output (zero point 128)."""
+    channels, kernel = weights.shape[1], weights.shape[2]
+    inits = [numpy_helper.from_array(weights, "w_q"), numpy_helper.from_array(np.full(2, 0.01, np.float32), "w_s"),
              numpy_helper.from_array(np.zeros(2, np.int8), "w_zp"),
              numpy_helper.from_array(np.array(1 / 255, np.float32), "x_s"),
              numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
-             numpy_helper.from_array(np.array(2000.0, np.float32), "y_s"),
+             numpy_helper.from_array(np.array(y_scale, np.float32), "y_s"),
              numpy_helper.from_array(np.array(128, np.uint8), "y_zp")]
     nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_zp"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "x_s", "x_zp"], ["xd"]),
@@ -118,18 +112,50 @@ def overflow_artifact(path, channels: int = 8192, kernel: int = 3) -> None:
              helper.make_node("QuantizeLinear", ["y", "y_s", "y_zp"], ["yq"]),
              helper.make_node("DequantizeLinear", ["yq", "y_s", "y_zp"], ["yd"]),
              helper.make_node("Flatten", ["yd"], ["logits"])]
-    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                                 ["N", channels, kernel, kernel])],
+    graph = helper.make_graph(nodes, "fused_differs", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                       ["N", channels, kernel, kernel])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
 
 
-def test_a_fused_run_that_differs_from_the_exact_run_fails_by_name(tmp_path):
-    path = tmp_path / "overflow.onnx"
-    overflow_artifact(path)
-    array = np.random.default_rng(0).uniform(0.5, 1.0, (4, 8192, 3, 3)).astype(np.float32)
+def overflow_artifact(path, channels: int = 8192, kernel: int = 3) -> np.ndarray:
+    """A conv whose int32 accumulator overflows in ONNX Runtime's fused kernel where u8*s8 products add in 32 bits
+    (VNNI, AMX); returns inputs whose first sample overflows.
+
+    uint8 input at 255 times int8 weights at +-127 over 8192 x 3 x 3 terms sums to 2.4e9 > 2**31: the
+    fused QLinearConv wraps around while the exact run (Dequantize, float Conv, Quantize) does not.
+    """
+    weights = np.full((2, channels, kernel, kernel), 127, np.int8)
+    weights[1] = -127
+    qdq_conv_artifact(path, weights, 2000.0)
+    array = np.random.default_rng(0).uniform(0.5, 1.0, (4, channels, kernel, kernel)).astype(np.float32)
     array[0] = 1.0  # the sample that overflows
-    inputs = Inputs(array, None, "4 inputs")
+    return array
+
+
+def saturation_artifact(path, groups: int = 1000) -> np.ndarray:
+    """A 1x1 conv whose sign flips in ONNX Runtime's fused kernel where adjacent u8*s8 products are added in 16
+    bits with saturation first (AVX2 and AVX-512 without VNNI: vpmaddubsw); returns inputs at 255.
+
+    Class 0 repeats the weights (127, 127, -127, -126) over 4000 channels: exactly each group sums to
+    255 * 126 - 255 * 126 + 255 = +255, but the pairs saturate to 32767 and -32768, so fused each group is -1.
+    Its sum in 32 bits never overflows, so on VNNI the fused run is exact (``overflow_artifact`` is that case).
+    """
+    weights = np.zeros((2, 4 * groups, 1, 1), np.int8)
+    weights[0, :, 0, 0] = np.tile(np.array([127, 127, -127, -126], np.int8), groups)
+    qdq_conv_artifact(path, weights, 0.01)
+    return np.ones((4, 4 * groups, 1, 1), np.float32)
+
+
+def fused_differs_artifact(path) -> np.ndarray:
+    """Where this CPU's fused u8s8 kernel and the exact run part: int32 overflow with VNNI (or off x86), 16-bit pair
+    saturation on x86 without it; writes the artifact and returns its inputs."""
+    return overflow_artifact(path) if exact_u8s8(cpu_info()) else saturation_artifact(path)
+
+
+def test_a_fused_run_that_differs_from_the_exact_run_fails_by_name(tmp_path):
+    path = tmp_path / "fused_differs.onnx"
+    inputs = Inputs(fused_differs_artifact(path), None, "4 inputs")
     exact, fused = OrtRunner(path, exact=True), OrtRunner(path)
     healthy = verify(exact, exact, inputs, GATES["int8"], exact=OrtRunner(path, exact=True))
     assert healthy.passed and healthy.kernels["passed"]
@@ -138,6 +164,23 @@ def test_a_fused_run_that_differs_from_the_exact_run_fails_by_name(tmp_path):
     assert any("differs from the exact run of the same graph on " + describe_cpu(cpu_info()) in f
                for f in result.failures)
     assert any("min cosine" in f for f in result.failures)  # the fidelity gate sees it against the reference too
+
+
+def test_each_artifact_differs_where_its_kernel_runs(tmp_path):
+    """Both constructions, computed exactly: the fused arithmetic each stands for flips the sign of class 0."""
+    for make in (overflow_artifact, saturation_artifact):
+        path = tmp_path / f"{make.__name__}.onnx"
+        inputs = make(path)
+        model = onnx.load(str(path))
+        weights = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w_q")).astype(np.int64)
+        xq = np.clip(np.round(inputs[0] * 255), 0, 255).astype(np.int64).reshape(-1)
+        products = xq * weights[0].reshape(-1)
+        exact = products.sum()
+        if make is overflow_artifact:  # 32-bit accumulation wraps
+            fused = (exact + 2**31) % 2**32 - 2**31
+        else:  # pairs added with 16-bit saturation, then summed in 32 bits
+            fused = np.clip(products.reshape(-1, 2).sum(axis=1), -2**15, 2**15 - 1).sum()
+        assert exact > 0 > fused, make.__name__
 
 
 # --------------------------------------------------------------------------- trained models, both forms

@@ -86,6 +86,7 @@ def test_every_build_option_reaches_the_builder_and_its_manifest(trt_double, res
     assert json.loads(cache.read_bytes())["entries"]  # saved after the build, with what it tuned
 
 
+@pytest.mark.slow
 def test_fp16_plan_from_the_cli(trt_double, resnet18_onnx, tmp_path):
     plan = tmp_path / "r18.plan"
     result = run("trt", "--onnx", resnet18_onnx.path, "--fp16", "--opt-batch", "4", "--max-batch", "4", "-o", plan)
@@ -249,6 +250,7 @@ def _save_build(onnx_path, out, cache, opt):
     build_engine(onnx_path, out, BatchProfile(1, opt, 8), BuildOptions(timing_cache=str(cache)))
 
 
+@pytest.mark.slow
 def test_builds_merge_their_timing_cache_entries(trt_double, resnet18_onnx, tmp_path):
     """Two builds (other opt shapes) in two processes into one cache: it ends with both builds' entries."""
     import multiprocessing
@@ -301,6 +303,7 @@ def test_a_foreign_qdq_onnx_is_int8_in_the_plan_manifest_inspect_and_triton(trt_
         "  ", " ")
 
 
+@pytest.mark.slow
 def test_bench_runs_a_plan_per_batch_and_says_the_rows_ran_on_the_double(trt_double, tmp_path):
     report = tmp_path / "report"
     args = ["bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "torch,trt",
@@ -320,6 +323,7 @@ def test_bench_runs_a_plan_per_batch_and_says_the_rows_ran_on_the_double(trt_dou
     assert plans == ["fp32-b1-1-1", "fp32-b1-4-4"]
 
 
+@pytest.mark.slow
 def test_bench_on_another_gpu_model_builds_its_own_plans_and_cache(trt_double, tmp_path, monkeypatch):
     """An L4 and an RTX 4090 are both 8.9: the second GPU must not pick up the first one's timing cache
     (setTimingCache refuses it) or plans, in a report folder they share."""
