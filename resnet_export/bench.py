@@ -310,7 +310,8 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
     if backend == "torch":
         if precision == "fp32":
             return [("wall clock, CPU", TorchRunner(artifacts.loaded.module), None, None)]
-        return [("CUDA events, inputs on device", _TorchCudaRunner(artifacts.loaded.module), device.current().time, None)]
+        cuda = device.current()
+        return [(f"{cuda.clock}, inputs on device", _TorchCudaRunner(artifacts.loaded.module), cuda.time, None)]
     if backend == "ort":
         target = "cpu" if precision == "int8" else "trt"
         return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None, None)]

@@ -134,7 +134,7 @@ def test_timing_cache_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
 
 
-def _save_entry(path: str, entry: str, started) -> None:
+def _save_entry(path: str, entry: str, ready) -> None:
     """One build saving its timing cache: the merge reads what is on disk, takes a while, adds its entry."""
     import time
 
@@ -144,7 +144,7 @@ def _save_entry(path: str, entry: str, started) -> None:
         time.sleep(0.5)  # both builds are inside their save at once unless the lock orders them
         return b"".join(sorted(set(saved.splitlines(keepends=True)) | {entry.encode() + b"\n"}))
 
-    started.wait()
+    ready.wait()  # both processes have imported everything: they start saving together
     merge_timing_cache(path, merge)
 
 
@@ -155,11 +155,10 @@ def test_concurrent_builds_keep_each_others_timing_cache_entries(tmp_path):
     cache = tmp_path / "timing.cache"
     write_timing_cache(cache, b"earlier build\n")
     context = multiprocessing.get_context("spawn")
-    started = context.Event()
-    builds = [context.Process(target=_save_entry, args=(str(cache), f"build {i}", started)) for i in range(2)]
+    ready = context.Barrier(2)
+    builds = [context.Process(target=_save_entry, args=(str(cache), f"build {i}", ready)) for i in range(2)]
     for build in builds:
         build.start()
-    started.set()
     for build in builds:
         build.join(timeout=60)
         assert build.exitcode == 0
