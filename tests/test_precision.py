@@ -189,3 +189,35 @@ def test_trt_target_served_by_plain_onnx_runtime_computes_what_tensorrt_computes
     as_tensorrt = OrtRunner(int8_trt.path).infer(x)  # spec rounding (ort_fixes)
     np.testing.assert_allclose(plain(served), as_tensorrt, rtol=0, atol=1e-5)
     assert np.abs(plain(int8_trt.path) - as_tensorrt).max() > 1e-2  # the raw artifact would compute another model
+
+
+def test_sensitivity_refuses_a_tensor_it_cannot_compare(tmp_path):
+    """A quantized conv whose output cannot be compared with the FP32 one (here its shape differs) is an error,
+    never an error of 0."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resnet_export.sensitivity import rank_quantized_convs
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    scale, zero = numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")
+
+    def model(path, quantized: bool):
+        first = "input"
+        nodes = []
+        if quantized:
+            nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
+                     helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])]
+            first = "dq"
+        nodes += [helper.make_node("Conv", [first, "w"], ["c"], name="conv", pads=[1, 1, 1, 1],
+                                   strides=[2, 2] if quantized else [1, 1]),
+                  helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])]
+        graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 8, 8])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4])],
+                                  [weight, scale, zero] if quantized else [weight])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+        return path
+
+    fp32, int8 = model(tmp_path / "fp32.onnx", False), model(tmp_path / "int8.onnx", True)
+    inputs = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(PrecisionError, match="tensor 'c' cannot be compared .* \\(shapes differ\\)"):
+        rank_quantized_convs(fp32, int8, inputs)
