@@ -20,6 +20,9 @@ INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 #: The CPU-target weight forms: portable (7-bit weights, exact everywhere) and vnni (8-bit, exact only
 #: where products accumulate in 32 bits).
 CPU_FORMS = {"portable": 7, "vnni": 8}
+#: The largest |weight| of ONNX Runtime's 7-bit form (reduce_range: symmetric [-64, 64]): two uint8 products
+#: of such weights add to at most 2 * 255 * 64 = 32640, inside the 16 bits where CPUs without VNNI add them.
+PEAK_7BIT = 64
 
 
 @functools.lru_cache(maxsize=1)

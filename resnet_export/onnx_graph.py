@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import OnnxError, first_line
@@ -124,3 +125,20 @@ def graph_precision(path_or_model) -> dict:
     if counts["fp16_initializers"]:
         return {"dtype": "fp16", "from": "its graph (float16 weights)"}
     return {"dtype": "fp32", "from": "its graph (no Q/DQ, no float16 weights)"}
+
+
+def conv_weight_peak(model: onnx.ModelProto) -> int | None:
+    """The largest magnitude among the int8 weights of ``model``'s quantized convs, read from the initializers
+    (64 for ONNX Runtime's 7-bit ``reduce_range`` form, whose symmetric range is [-64, 64]); None where no conv
+    weight is int8."""
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    peak = None
+    for conv in (node for node in model.graph.node if node.op_type == "Conv"):
+        dq = producers.get(conv.input[1])
+        name = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else conv.input[1]
+        if name in initializers and initializers[name].data_type == onnx.TensorProto.INT8:
+            peak = max(peak or 0, int(np.abs(numpy_helper.to_array(initializers[name]).astype(np.int16)).max()))
+    return peak

@@ -31,9 +31,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .cpu import CPU_FORMS
+from .cpu import CPU_FORMS, PEAK_7BIT
 from .errors import OnnxError, ResnetExportError, first_line
-from .onnx_graph import input_dims, load_onnx, read_metadata, set_metadata
+from .onnx_graph import conv_weight_peak, input_dims, load_onnx, read_metadata, set_metadata
 from .manifest import atomic_output
 from .progress import task
 
@@ -69,6 +69,9 @@ class Conversion:
     cpu_verification_note: str | None = None
     #: cpu target: ``portable`` (7-bit weights) or ``vnni`` (8-bit); see cpu.py.
     cpu_form: str | None = None
+    #: cpu target, measured in the artifact: the largest |weight| of its quantized convs, and so its width
+    #: (7 when within ONNX Runtime's reduce_range [-64, 64], whose pairs of u8 products cannot saturate 16 bits).
+    weight_peak: int | None = None
     weight_bits: int | None = None
 
     def to_dict(self) -> dict:
@@ -210,7 +213,7 @@ def quantize_int8(
     if target == "trt":
         record.rest, record.ranges_reused = rest, ranges is not None
     else:
-        record.cpu_form, record.weight_bits = cpu_form, CPU_FORMS[cpu_form]
+        record.cpu_form = cpu_form
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
         work = Path(work)
         model_copy = work / "model.onnx"  # ModelOpt rewrites its input in place
@@ -232,7 +235,14 @@ def quantize_int8(
                  f"on {len(calibration)} samples in {record.calibration_seconds} s")
         if save_ranges:
             shutil.copyfile(work / "ranges.cache", save_ranges)
-        _save_with_metadata(onnx.load(str(quantized)), source, output, record, metadata)
+        model = onnx.load(str(quantized))
+        if target == "cpu":  # what the artifact's weights are, read from them, not the form asked for
+            record.weight_peak = conv_weight_peak(model)
+            record.weight_bits = 7 if record.weight_peak is not None and record.weight_peak <= PEAK_7BIT else 8
+            if record.weight_bits > CPU_FORMS[cpu_form]:
+                raise PrecisionError(f"the {cpu_form} form needs {CPU_FORMS[cpu_form]}-bit weights, but the "
+                                     f"quantized convs of {source} reach {record.weight_peak}")
+        _save_with_metadata(model, source, output, record, metadata)
     return record
 
 

@@ -33,6 +33,11 @@ def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
     assert "vs the FP32 ONNX resnet18.onnx on 2 held-out images" in result.stdout and "(only 2: pass --val" in result.stdout
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
     assert manifest["qdq"]["quantized_convs"] == 20 and manifest["settings"]["target"] == "cpu"
+    from resnet_export.onnx_graph import conv_weight_peak
+
+    model = onnx.load(str(out))
+    assert manifest["conversion"]["weight_peak"] == conv_weight_peak(model) == 64  # read from the weights
+    assert manifest["conversion"]["weight_bits"] == 7
     inputs = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
     ranking = rank_quantized_convs(resnet18_onnx.path, out, inputs)  # what the sensitivity search orders by
     assert {name for name, _ in ranking} == {n.name for n in quantized_convs(onnx.load(str(out)))}  # all 20 found
