@@ -250,9 +250,11 @@ def test_inspect_onnx(resnet18_onnx):
     info = json.loads(result.stdout)
     assert info["counts"]["batchnorms"] == 0 and info["inputs"][0]["shape"] == ["batch", 3, 64, 64]
     assert info["manifest"]["verification"]["passed"]
-    from resnet_export.cpu import cpu_info
+    from .test_cpu_int8 import proc_cpuinfo_flags
 
-    assert info["cpu"]["verified_on"] == info["cpu"]["this_machine"] == cpu_info()  # JSON of what was read
+    recorded = json.loads(resnet18_onnx.path.with_name(resnet18_onnx.path.name + ".json").read_text())
+    assert info["cpu"]["verified_on"] == recorded["verification"]["cpu"]  # the manifest's, as written
+    assert info["cpu"]["this_machine"]["flags"] == (proc_cpuinfo_flags() or [])  # this machine, read apart
     report = run("inspect", resnet18_onnx.path)  # for a person: tables, not JSON
     assert report.exit_code == 0, report.output
     for part in ("Inputs and outputs", "Precision", "Preprocessing: shorter side to 73 (bilinear), center crop 64x64",
