@@ -287,7 +287,7 @@ def test_bench_baseline_gates_regressions_by_row(tmp_path):
     faster = json.loads(base.read_text())
     for row in faster["rows"]:
         if row["backend"] == "ort":
-            row["speedup_vs_torch"] *= 3
+            row["speedup_vs_torch"] *= 100  # far beyond any noise of this run (the torch row alone moved 44% once)
     doctored = tmp_path / "faster.json"
     doctored.write_text(json.dumps(faster))
     slow = run(*args, "--report", tmp_path / "slow", "--baseline", doctored)
