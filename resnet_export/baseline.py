@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 #: Best INT8 dot-product instruction set first: what decides a CPU's INT8 speed class.
 INT8_ISA_ORDER = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
-#: A row's top-1 agreement may fall this much (absolute) before it counts as a regression.
+#: A row's top-1 agreement may fall this much (absolute) before it counts as a regression, and always by one
+#: input's flip (a row of B inputs: 1/B), which is no trend.
 AGREEMENT_SLACK = 0.01
 
 
@@ -125,7 +126,8 @@ def find_baseline(path: Path, model: str, environment: dict) -> Path | None:
 
 def compare_reports(report: dict, baseline: dict, baseline_name: str, max_regression_pct: float = 15.0) -> Comparison:
     """Compare ``report``'s rows with ``baseline``'s: regressions beyond ``max_regression_pct`` percent
-    (speed) or ``AGREEMENT_SLACK`` (agreement), and improvements beyond the same tolerance."""
+    (speed) or ``AGREEMENT_SLACK`` and one input's flip (agreement, between runs of trained weights only),
+    and improvements beyond the same tolerance."""
     if report.get("model") != baseline.get("model"):
         raise BaselineError(f"baseline {baseline_name} is of {baseline.get('model')}, this run of {report.get('model')}")
     env, base_env = report["environment"], baseline["environment"]
@@ -134,8 +136,11 @@ def compare_reports(report: dict, baseline: dict, baseline_name: str, max_regres
     if not same_class:
         log.warning(f"baseline {baseline_name} is from CPU class {cpu_class(base_env)}, this machine is "
                     f"{cpu_class(env)}: comparing fidelity only")
+    # Agreement is gated only between runs of trained weights: random logits are near-ties, where one flip
+    # is a 12.5-100 point "regression" of a 1- or 8-input row; max error still guards those.
+    trained = report.get("weights") == baseline.get("weights") == "trained"
     measures = (["speed-up vs torch"] if same_class else []) + (["img/s"] if same_env else []) + \
-        ["top-1 agreement", "max abs err"]
+        (["top-1 agreement"] if trained else []) + ["max abs err"]
     comparison = Comparison(baseline_name, cpu_class(base_env), cpu_class(env), same_class, same_env,
                             max_regression_pct, measures)
     tolerance = max_regression_pct / 100
@@ -157,10 +162,11 @@ def compare_reports(report: dict, baseline: dict, baseline_name: str, max_regres
             elif b > a * (1 + tolerance):
                 comparison.improvements.append(Change(key, measure, a, b))
         a, b = old.get("top1_agreement"), new.get("top1_agreement")
-        if a is not None and b is not None:
-            if b < a - AGREEMENT_SLACK:
+        if trained and a is not None and b is not None:
+            slack = max(AGREEMENT_SLACK, 1.5 / new["batch"])  # more than one input must flip
+            if b < a - slack:
                 comparison.regressions.append(Change(key, "top-1 agreement", a, b))
-            elif b > a + AGREEMENT_SLACK:
+            elif b > a + slack:
                 comparison.improvements.append(Change(key, "top-1 agreement", a, b))
         a, b = old.get("max_abs_err"), new.get("max_abs_err")
         if a is not None and b is not None and b > 2 * a + 1e-4:  # errors are tiny and jumpy: a doubling counts

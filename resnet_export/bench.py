@@ -477,15 +477,23 @@ def run_benchmark(loaded: LoadedModel, report: Path, backends: tuple[str, ...], 
 
             log.warning(f"no baseline of {loaded.name} for CPU class {cpu_class(env)} in {baseline}: nothing compared")
         else:
-            current = {"model": loaded.name, "environment": env, "rows": [asdict(r) for r in rows]}
+            current = {"model": loaded.name, "weights": weights_kind(loaded), "environment": env,
+                       "rows": [asdict(r) for r in rows]}
             comparison = compare_reports(current, load_report(found), str(found), max_regression)
-    return write_reports(rows, env, loaded.name, report, comparison), comparison
+    return write_reports(rows, env, loaded.name, report, comparison, weights_kind(loaded)), comparison
+
+
+def weights_kind(loaded: LoadedModel) -> str:
+    """``trained`` when the model was loaded with weights, else ``random``: top-1 agreement between backends
+    means something only for the first (random logits are full of near-ties)."""
+    return "random" if loaded.source.get("weights") is None else "trained"
 
 
 # --------------------------------------------------------------------------- reports
 
 
-def write_reports(rows: list[Row], env: dict, model: str, folder: Path, comparison=None) -> dict[str, Path]:
+def write_reports(rows: list[Row], env: dict, model: str, folder: Path, comparison=None,
+                  weights: str | None = None) -> dict[str, Path]:
     """report.json, report.md, throughput.png and latency.png under ``folder`` (written atomically).
 
     ``comparison`` (a ``baseline.Comparison``) is recorded in report.json and appended to report.md.
@@ -497,7 +505,8 @@ def write_reports(rows: list[Row], env: dict, model: str, folder: Path, comparis
     import datetime
 
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    write_json(paths["report.json"], {"schema_version": SCHEMA_VERSION, "model": model, "created": created,
+    write_json(paths["report.json"], {"schema_version": SCHEMA_VERSION, "model": model, "weights": weights,
+                                      "created": created,
                                       "environment": env,
                                       "rows": [asdict(r) for r in rows],
                                       "compared_with": comparison.to_dict() if comparison else None})

@@ -255,12 +255,13 @@ def test_comparison_logic_on_reports():
     rows = [{"backend": "torch", "precision": "fp32", "batch": 8, "timing": "wall", "status": "ok", "throughput": 10.0,
              "speedup_vs_torch": 1.0, "top1_agreement": 1.0, "max_abs_err": 1e-5},
             {"backend": "ort", "precision": "int8", "batch": 8, "timing": "wall", "status": "ok", "throughput": 50.0,
-             "speedup_vs_torch": 5.0, "top1_agreement": 0.99, "max_abs_err": 0.05}]
-    report = {"model": "resnet18", "environment": env, "rows": rows}
+             "speedup_vs_torch": 5.0, "top1_agreement": 1.0, "max_abs_err": 0.05}]
+    report = {"model": "resnet18", "weights": "trained", "environment": env, "rows": rows}
     assert cpu_class(env) == "x86_64-avx512_vnni-2c"
     same = compare_reports(report, report, "itself")
-    assert not same.regressions and not same.improvements and same.measures[:2] == ["speed-up vs torch", "img/s"]
-    slower = {**report, "rows": [rows[0], {**rows[1], "speedup_vs_torch": 2.5, "throughput": 25.0, "top1_agreement": 0.9}]}
+    assert not same.regressions and not same.improvements and same.measures[:3] == [
+        "speed-up vs torch", "img/s", "top-1 agreement"]
+    slower = {**report, "rows": [rows[0], {**rows[1], "speedup_vs_torch": 2.5, "throughput": 25.0, "top1_agreement": 0.75}]}
     found = compare_reports(slower, report, "base")
     assert {(c.row, c.measure) for c in found.regressions} == {
         ("ort int8 b8 (wall)", "speed-up vs torch"), ("ort int8 b8 (wall)", "img/s"), ("ort int8 b8 (wall)", "top-1 agreement")}
@@ -271,6 +272,27 @@ def test_comparison_logic_on_reports():
     fidelity_only = compare_reports(slower, other, "elsewhere")
     assert not fidelity_only.same_class and fidelity_only.measures == ["top-1 agreement", "max abs err"]
     assert [c.measure for c in fidelity_only.regressions] == ["top-1 agreement"]
+
+
+def test_agreement_is_gated_only_where_it_means_something():
+    """One flipped input of an 8-input row is 12.5 points and no trend; random weights' logits are near-ties."""
+    from resnet_export.baseline import compare_reports
+
+    env = {"cpu": "Xeon", "arch": "x86_64", "cores": 2, "cpu_flags": ["avx2"], "threads_requested": 2}
+    row = {"backend": "ort", "precision": "int8", "batch": 8, "timing": "wall", "status": "ok", "throughput": 50.0,
+           "speedup_vs_torch": 5.0, "top1_agreement": 1.0, "max_abs_err": 0.05}
+    trained = {"model": "resnet18", "weights": "trained", "environment": env, "rows": [row]}
+
+    def agreement(report, value):
+        return {**report, "rows": [{**row, "top1_agreement": value}]}
+
+    assert not compare_reports(agreement(trained, 0.875), trained, "base").regressions  # one input flipped
+    assert compare_reports(agreement(trained, 0.75), trained, "base").regressions  # two did
+    for weights in ("random", None):  # random weights, or a report that does not say
+        report = {**trained, "weights": weights}
+        found = compare_reports(agreement(report, 0.0), report, "base")
+        assert "top-1 agreement" not in found.measures and not found.regressions
+        assert compare_reports({**report, "rows": [{**row, "max_abs_err": 0.5}]}, report, "base").regressions
 
 
 @pytest.mark.slow
