@@ -7,7 +7,6 @@ version ends in ``+double``, its GPU is the double's host device).
 """
 
 import json
-import shutil
 import threading
 
 import numpy as np
@@ -242,10 +241,7 @@ def _save_build(onnx_path, out, cache, opt):
     from resnet_export import device
     from resnet_export.trt import BatchProfile, BuildOptions, build_engine
 
-    from .trt_double import HostDevice
-    from .trt_double import tensorrt as module
-
-    sys.modules["tensorrt"] = module
+    sys.modules["tensorrt"] = double
     device.current = lambda: HostDevice()
     build_engine(onnx_path, out, BatchProfile(1, opt, 8), BuildOptions(timing_cache=str(cache)))
 
