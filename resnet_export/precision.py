@@ -63,7 +63,7 @@ class Conversion:
     calibration_samples: int | None = None
     excluded_nodes: list[str] = field(default_factory=list)
     rest: str | None = None
-    ranges_reused: bool = False
+    ranges_reused: bool = False  # trt target: its activation scales are those of the ranges given (checked)
     calibration_seconds: float | None = None
     keep_io_types: bool | None = None
     cpu_verification_note: str | None = None
@@ -211,7 +211,7 @@ def quantize_int8(
     tool = "modelopt.onnx.quantization" if target == "trt" else "onnxruntime.quantization"
     record = Conversion("int8", tool, target, method, int(len(calibration)), list(exclude))
     if target == "trt":
-        record.rest, record.ranges_reused = rest, ranges is not None
+        record.rest = rest
     else:
         record.cpu_form = cpu_form
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as work:
@@ -233,13 +233,16 @@ def quantize_int8(
         record.calibration_seconds = round(time.perf_counter() - start, 1)
         log.info(f"{what} ({target}, {method}{f', rest {rest.upper()}' if target == 'trt' else ''}) "
                  f"on {len(calibration)} samples in {record.calibration_seconds} s")
+        if ranges:  # what the artifact's scales are, read from them, not the argument
+            record.ranges_reused = _check_ranges_applied(Path(ranges), work / "ranges.cache", source)
         if save_ranges:
             shutil.copyfile(work / "ranges.cache", save_ranges)
         model = onnx.load(str(quantized))
         if target == "cpu":  # what the artifact's weights are, read from them, not the form asked for
             record.weight_peak = conv_weight_peak(model)
-            record.weight_bits = 7 if record.weight_peak is not None and record.weight_peak <= PEAK_7BIT else 8
-            if record.weight_bits > CPU_FORMS[cpu_form]:
+            if record.weight_peak is not None:  # None: every conv kept out of INT8
+                record.weight_bits = 7 if record.weight_peak <= PEAK_7BIT else 8
+            if (record.weight_bits or 0) > CPU_FORMS[cpu_form]:
                 raise PrecisionError(f"the {cpu_form} form needs {CPU_FORMS[cpu_form]}-bit weights, but the "
                                      f"quantized convs of {source} reach {record.weight_peak}")
         _save_with_metadata(model, source, output, record, metadata)
@@ -343,6 +346,22 @@ def _write_ranges(model: onnx.ModelProto, cache: Path) -> None:
         if scale is not None and node.input[0] not in inits and numpy_helper.to_array(scale).size == 1:
             lines.append(f"{node.input[0]}: {struct.pack('!f', float(numpy_helper.to_array(scale))).hex()}")
     cache.write_text("\n".join(lines) + "\n")
+
+
+def _read_ranges(cache: Path) -> dict[str, str]:
+    """A calibration cache's activation scales by tensor name (hex float32, as written)."""
+    return dict(line.split(": ", 1) for line in cache.read_text().splitlines()[1:] if ": " in line)
+
+
+def _check_ranges_applied(saved: Path, written: Path, source: Path) -> bool:
+    """True when every activation scale of the quantized model (``written``, read from it) is the one in
+    ``saved``; a PrecisionError otherwise (ModelOpt calibrated anew instead of reusing the ranges)."""
+    asked, used = _read_ranges(saved), _read_ranges(written)
+    differ = sorted(t for t in used if asked.get(t) != used[t])
+    if differ or not used:
+        raise PrecisionError(f"INT8 quantization of {source} did not apply the saved activation ranges: "
+                             f"{len(differ)} of {len(used)} scales differ (e.g. {differ[:1]})")
+    return True
 
 
 def _write_percentile_cache(model: Path, reader: CalibrationReader, cache: Path, work: Path) -> None:
