@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test api-check bench-ci bench-baseline bench clean
+.PHONY: install demo test api-check bench-ci bench-baseline bench-spread bench clean
 
 install: $(STAMP)
 
@@ -38,7 +38,7 @@ api-check: $(STAMP)
 # committed baseline of this CPU class (benchmarks/baselines/), failing (exit 3) on a regression.
 BENCH_CI = $(BIN)/resnet-export bench --arch resnet18 --backends torch,ort,openvino --precisions fp32,int8 \
 		--batch-sizes 1,8 --warmup 3 --min-time 1 --threads 2
-BENCH_CI_TOLERANCE ?= 35
+BENCH_CI_TOLERANCE ?= 40
 bench-ci: $(STAMP)
 	$(BENCH_CI) --report $(OUT)/bench-ci --baseline benchmarks/baselines --max-regression $(BENCH_CI_TOLERANCE)
 
@@ -54,3 +54,9 @@ bench-baseline: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/resnet-export bench --arch resnet50 --backends torch,ort,openvino --precisions fp32,fp16,int8 \
 		--batch-sizes 1,8,32 --min-time 5 --threads $$(nproc) --report benchmarks/results/resnet50-cpu
+
+# The run-to-run spread of the CI benchmark on this machine (PAIRS pairs of back-to-back runs), which
+# BENCH_CI_TOLERANCE must exceed; benchmarks/README.md records it.
+PAIRS ?= 10
+bench-spread: $(STAMP)
+	$(BIN)/python benchmarks/spread.py $(OUT)/bench-spread $(PAIRS) -- $(BENCH_CI)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from . import device
+from .baseline import DEFAULT_MAX_REGRESSION
 from .errors import OutputError, ResnetExportError, first_line
 from .manifest import library_versions
 from .models import LoadedModel
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows name their thread setting (threads_setting) and measure cores_busy
 BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -43,13 +44,15 @@ class BenchError(ResnetExportError):
 
 @dataclass
 class Settings:
-    """How to time: warm-up runs, then ``iters`` runs or as many as fit in ``min_time`` seconds."""
+    """How to time: warm-up runs, then ``iters`` runs or as many as fit in ``min_time`` seconds, spread over
+    ``rounds`` interleaved rounds (each round times every row in turn for its share)."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     warmup: int = 5
     iters: int | None = None
     min_time: float = 2.0
     threads: int | None = None
+    rounds: int = 5
 
 
 @dataclass
@@ -68,7 +71,10 @@ class Row:
     speedup_vs_torch: float | None = None
     top1_agreement: float | None = None
     max_abs_err: float | None = None
-    threads: int | str | None = None  # what the runner's library reports it runs with
+    #: the runner's thread setting as its library reports its configuration (a setting, not a measurement)
+    threads_setting: int | str | None = None
+    #: measured: the process's CPU seconds over wall seconds across the warm-up and timed runs (all threads)
+    cores_busy: float | None = None
 
 
 def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -100,10 +106,11 @@ def latency_stats(seconds: list[float], batch: int) -> tuple[dict, float]:
 
 
 def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[Callable], float] | None = None,
-               now: Callable[[], float] = time.perf_counter) -> list[float]:
+               now: Callable[[], float] = time.perf_counter, minimum: int = 3) -> list[float]:
     """Warm up, then time ``call`` per iteration (``clock`` times one call; ``now``'s wall clock by default).
 
-    ``now`` also bounds the loop to ``settings.min_time`` (at least 3 runs) unless ``settings.iters`` is set.
+    ``now`` also bounds the loop to ``settings.min_time`` (at least ``minimum`` runs) unless ``settings.iters``
+    is set.
     """
     clock = clock or functools.partial(_wall_clock, now=now)
     for _ in range(settings.warmup):
@@ -115,7 +122,7 @@ def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[
         if settings.iters is not None:
             if len(timings) >= settings.iters:
                 break
-        elif now() - start >= settings.min_time and len(timings) >= 3:
+        elif now() - start >= settings.min_time and len(timings) >= minimum:
             break
     return timings
 
@@ -374,7 +381,12 @@ def run_matrix(
     calibration: np.ndarray | None = None,
     seed: int = 0,
 ) -> tuple[list[Row], dict]:
-    """Measure every backend x precision x batch; returns the rows and the environment."""
+    """Measure every backend x precision x batch; returns the rows and the environment.
+
+    Every row's outputs are checked first; then the rows are timed in ``settings.rounds`` interleaved
+    rounds, so that a slow spell of the machine falls on every row alike and the ratios between rows
+    (speed-up over PyTorch eager) hold.
+    """
     import torch
     from .runners import TorchRunner
 
@@ -390,49 +402,96 @@ def run_matrix(
     reference = TorchRunner(loaded.module)
     expected = {b: reference.infer(x) for b, x in batches.items()}
     rows: list[Row] = []
+    slots: list[Slot] = []
     combos = [(b, p) for b in backends for p in precisions]
-    with task(log, "Benchmark", len(combos) * len(settings.batch_sizes)) as advance:
+    with task(log, "Preparing the backends and checking their outputs", len(combos)) as advance:
         for backend, precision in combos:
             reason = backend_unavailable(backend) or precision_unsupported(backend, precision)
             if reason:
                 rows += [Row(backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
-                advance(len(settings.batch_sizes))
+                advance()
                 continue
             try:
                 runners = make_runners(backend, precision, artifacts, settings)
             except Exception as exc:  # an artifact or session failed: an error row, the matrix goes on
                 rows += [Row(backend, precision, b, "error", first_line(exc)) for b in settings.batch_sizes]
-                advance(len(settings.batch_sizes))
+                advance()
                 continue
             for batch in settings.batch_sizes:
                 for label, runner, clock, only in runners:
-                    if only not in (None, batch):
-                        continue
-                    rows.append(measure(backend, precision, batch, label, runner, clock, batches[batch],
-                                         expected[batch], settings))
-                advance()
+                    if only in (None, batch):
+                        slots.append(check(Row(backend, precision, batch, timing=label), runner, clock, batches[batch],
+                                           expected[batch]))
+                        rows.append(slots[-1].row)
+            advance()
+    time_rows(slots, settings)
     _add_speedups(rows)
     return rows, environment(settings.threads)
 
 
-def measure(backend: str, precision: str, batch: int, label: str, runner, clock, x: np.ndarray,
-            expected: np.ndarray, settings: Settings) -> Row:
-    """One row: agreement with ``expected`` on ``x``, then the timings; a failure becomes an error row."""
-    row = Row(backend, precision, batch, timing=label, threads=getattr(runner, "threads", None))
+@dataclass
+class Slot:
+    """A row being measured: the call its rounds time (None once it failed), and what they timed."""
+
+    row: Row
+    call: Callable[[], object] | None
+    clock: Callable | None = None
+    timings: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def check(row: Row, runner, clock, x: np.ndarray, expected: np.ndarray) -> Slot:
+    """``row`` with its agreement with ``expected`` on ``x``, and the call that times it; a failure makes it
+    an error row. With a device clock the call is the runner's ``enqueue`` on ``x`` uploaded once."""
+    row.threads_setting = getattr(runner, "threads", None)
     try:
         metrics = compare(expected, runner.infer(x))
         row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
         if clock is not None:  # device-resident input; the runner's enqueue is what is timed, between events
             device_x = device.current().upload(x)
-            timings = time_calls(lambda: runner.enqueue(device_x), settings, clock)
-        else:
-            timings = time_calls(lambda: runner.infer(x), settings)
-        row.iterations = len(timings)
-        row.latency_ms, row.throughput = latency_stats(timings, batch)
+            return Slot(row, lambda: runner.enqueue(device_x), clock)
+        return Slot(row, lambda: runner.infer(x))
+    except Exception as exc:  # a backend that crashes is recorded, the rest still runs
+        _failed(row, exc)
+        return Slot(row, None)
+
+
+def time_rows(slots: list[Slot], settings: Settings) -> None:
+    """Time the slots in ``settings.rounds`` rounds, each timing every slot in turn for its share (the warm-up
+    in the first round, one warm-up call after that), then fill each row's latency, throughput and cores busy."""
+    live = [slot for slot in slots if slot.call is not None]
+    rounds = max(1, settings.rounds)
+    with task(log, f"Benchmark ({rounds} rounds)", rounds * len(live)) as advance:
+        for index in range(rounds):
+            iters = None if settings.iters is None else settings.iters // rounds + (index < settings.iters % rounds)
+            share = Settings(warmup=settings.warmup if index == 0 else min(1, settings.warmup), iters=iters,
+                             min_time=settings.min_time / rounds)
+            for slot in live:
+                if slot.call is not None and iters != 0:
+                    _time_round(slot, share, minimum=-(-3 // rounds))
+                advance()
+    for slot in live:
+        if slot.call is not None:
+            slot.row.iterations = len(slot.timings)
+            slot.row.latency_ms, slot.row.throughput = latency_stats(slot.timings, slot.row.batch)
+            slot.row.cores_busy = round(slot.cpu_seconds / slot.wall_seconds, 2)
+
+
+def _time_round(slot: Slot, share: Settings, minimum: int) -> None:
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    try:
+        slot.timings += time_calls(slot.call, share, slot.clock, minimum=minimum)
     except Exception as exc:  # a backend that crashes mid-run is recorded, the rest still runs
-        row.status, row.reason = "error", first_line(exc)
-        log.warning(f"{backend} {precision} batch {batch} failed: {row.reason}")
-    return row
+        slot.call = None
+        _failed(slot.row, exc)
+    slot.cpu_seconds += time.process_time() - cpu_start
+    slot.wall_seconds += time.perf_counter() - wall_start
+
+
+def _failed(row: Row, exc: Exception) -> None:
+    row.status, row.reason = "error", first_line(exc)
+    log.warning(f"{row.backend} {row.precision} batch {row.batch} failed: {row.reason}")
 
 
 def _add_speedups(rows: list[Row]) -> None:
@@ -455,7 +514,7 @@ def prepare_report(folder: Path) -> None:
 
 def run_benchmark(loaded: LoadedModel, report: Path, backends: tuple[str, ...], precisions: tuple[str, ...],
                   settings: Settings, calib: Path | None = None, calib_size: int = 64, seed: int = 0,
-                  baseline: Path | None = None, max_regression: float = 15.0) -> tuple[dict[str, Path], object]:
+                  baseline: Path | None = None, max_regression: float = DEFAULT_MAX_REGRESSION) -> tuple[dict[str, Path], object]:
     """``resnet-export bench``: run the matrix (INT8 calibrated on ``calib`` when given) and write the reports.
 
     Artifacts are built or reused under ``report/artifacts``. With ``baseline`` (a report.json, or a
@@ -528,17 +587,18 @@ def markdown_report(rows: list[Row], env: dict, model: str) -> str:
         f"GPU: {env['gpu'] or 'none'}",
         f"Versions: {versions}",
         "",
-        "| backend | precision | batch | timing | threads | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs torch fp32 | top-1 agree | max abs err |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | precision | batch | timing | threads set | cores busy | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs torch fp32 | top-1 agree | max abs err |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} | | | | | | | | | |")
+            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} | | | | | | | | | | |")
             continue
         lat = r.latency_ms
         speedup = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else ""
         lines.append(
-            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {r.threads if r.threads is not None else ''} | "
+            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {r.threads_setting if r.threads_setting is not None else ''} | "
+            f"{r.cores_busy:.2f} | "
             f"{lat['p50']:.2f} | {lat['p90']:.2f} | "
             f"{lat['p99']:.2f} | {lat['mean']:.2f} | {r.throughput:.1f} | {speedup} | {r.top1_agreement:.1%} | "
             f"{r.max_abs_err:.3g} |"

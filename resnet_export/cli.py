@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
+from .baseline import DEFAULT_MAX_REGRESSION
 from .console import RichListener, RichLogHandler, as_flags, console
 from .errors import EXIT_USER_ERROR, ResnetExportError, first_line
 
@@ -466,6 +467,9 @@ def inspect(artifact, as_json):
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--iters", type=click.IntRange(min=1), help="Timed runs per row (default: as many as --min-time allows).")
 @click.option("--min-time", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds of timed runs per row.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Time the rows in turn, this many times over (their share of --iters/--min-time each), so a slow "
+                   "spell of the machine falls on every row alike.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch, ONNX Runtime and OpenVINO.")
 @click.option("--calib", type=click.Path(path_type=Path), help="INT8 calibration images or .npy/.npz (default: seeded random inputs).")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
@@ -473,17 +477,17 @@ def inspect(artifact, as_json):
               help="Report folder: report.json, report.md, throughput.png, latency.png; artifacts/ inside.")
 @click.option("--baseline", type=click.Path(exists=True, path_type=Path),
               help="A report.json to compare with, or a folder of them (the one of this model and CPU class).")
-@click.option("--max-regression", type=click.FloatRange(min=0), default=15.0, show_default=True, metavar="PCT",
+@click.option("--max-regression", type=click.FloatRange(min=0), default=DEFAULT_MAX_REGRESSION, show_default=True, metavar="PCT",
               help="With --baseline: speed-up (or, same environment, img/s) drop that fails the run (exit 3).")
-def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, threads, calib, calib_size, report,
-          baseline, max_regression):
+def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, rounds, threads, calib, calib_size,
+          report, baseline, max_regression):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
     from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, prepare_report, run_benchmark
     from .errors import GateFailed
 
     backends = parse_list(backends, BACKENDS, "backend")
     precisions = parse_list(precisions, PRECISIONS, "precision")
-    settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads)
+    settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads, rounds)
     prepare_report(report)  # before the model loads: a bad folder fails at once
     paths, comparison = run_benchmark(load(), report, backends, precisions, settings, calib, calib_size, seed,
                                       baseline, max_regression)

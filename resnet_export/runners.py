@@ -30,7 +30,7 @@ class TorchRunner:
 
     @property
     def threads(self) -> int:
-        """The CPU threads torch runs with (process-wide)."""
+        """torch's intra-op thread setting (process-wide)."""
         return torch.get_num_threads()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -110,8 +110,8 @@ class OrtRunner:
 
     @property
     def threads(self) -> int | str:
-        """The session's intra-op threads, as its options say; ONNX Runtime's own default when none was set."""
-        return self.session.get_session_options().intra_op_num_threads or "onnxruntime default (physical cores)"
+        """The session's intra-op thread setting, as its options say ("default": ONNX Runtime's own choice)."""
+        return self.session.get_session_options().intra_op_num_threads or "default"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -135,7 +135,7 @@ class OpenVinoRunner:
 
     @property
     def threads(self) -> int:
-        """The inference threads the compiled model uses (OpenVINO resolves its default to a number)."""
+        """The compiled model's inference-thread setting (OpenVINO resolves its default to a number)."""
         return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
