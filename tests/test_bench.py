@@ -11,7 +11,6 @@ from resnet_export.bench import (
     BenchError,
     Settings,
     latency_stats,
-    measure,
     parse_batch_sizes,
     parse_list,
     run_matrix,
@@ -54,16 +53,54 @@ def _row(rows, backend, precision, batch):
 
 @pytest.mark.slow
 def test_matrix_measures_and_checks_every_row(matrix):
+    import torch
+
     _, _, rows, env = matrix
     for backend in ("torch", "ort", "openvino"):
         row = _row(rows, backend, "fp32", 4)
-        assert row.status == "ok" and row.iterations == 3 and row.throughput > 0 and row.latency_ms["p50"] > 0
-        assert row.max_abs_err < 1e-3 and row.threads == 2  # logits, not near-tied random top-1 decisions
-    int8 = _row(rows, "ort", "int8", 4)
-    assert int8.status == "ok"
-    ort, torch_row = _row(rows, "ort", "fp32", 4), _row(rows, "torch", "fp32", 4)
-    assert ort.speedup_vs_torch == pytest.approx(ort.throughput / torch_row.throughput)
-    assert env["threads_requested"] == 2 and env["versions"]["torch"]
+        assert row.status == "ok" and row.throughput > 0 and row.latency_ms["p50"] > 0 and row.cores_busy > 0
+        assert row.max_abs_err < 1e-3  # logits, not near-tied random top-1 decisions
+    assert _row(rows, "ort", "int8", 4).status == "ok"
+    assert torch.__version__.startswith(env["versions"]["torch"])  # 2.14.1 of 2.14.1+cu130
+
+
+class _Sleeps:
+    """A runner whose every call takes at least ``seconds``, logged by ``name`` in ``log``; returns ``output``."""
+
+    def __init__(self, name, seconds, output, log):
+        self.name, self.seconds, self.output, self.log = name, seconds, output, log
+
+    def infer(self, batch):
+        import time
+
+        self.log.append(self.name)
+        time.sleep(self.seconds)
+        return self.output
+
+
+def test_rows_are_timed_in_interleaved_rounds_and_speed_up_is_measured():
+    """Rows are checked once, then timed round after round, each round visiting every row (warm-up first, one
+    warm-up call per later round); iterations are the timed calls, latency what they took, and a runner twice
+    as fast shows about 2x over the torch row. Sleeps, not compute: load can only lengthen them, a little."""
+    from resnet_export.bench import Row, _add_speedups, check, time_rows
+
+    x, logits = np.zeros((2, 3, 8, 8), np.float32), np.eye(2, 10, dtype=np.float32)
+    log = []
+    slots = [check(Row("torch", "fp32", 2, timing="wall clock"), _Sleeps("t", 0.02, logits, log), None, x, logits),
+             check(Row("ort", "fp32", 2, timing="wall clock"), _Sleeps("o", 0.01, logits, log), None, x, logits)]
+    assert log == ["t", "o"]  # the check: one call each
+    time_rows(slots, Settings(warmup=2, iters=10, rounds=5))
+    rows = [slot.row for slot in slots]
+    _add_speedups(rows)
+    # round 1: 2 warm-up and 2 timed calls per row; rounds 2-5: 1 warm-up and 2 timed
+    assert "".join(log[2:]) == "".join(["tttt", "oooo"] + ["ttt", "ooo"] * 4)
+    assert [(r.status, r.iterations) for r in rows] == [("ok", 10), ("ok", 10)]
+    assert 20 <= rows[0].latency_ms["p50"] < 30 and 10 <= rows[1].latency_ms["p50"] < 20
+    assert 1.5 < rows[1].speedup_vs_torch <= 2.0 and rows[1].throughput == pytest.approx(2 / 0.01, rel=0.35)
+    assert rows[0].cores_busy < 0.5  # sleeping keeps no core busy
+    timed = check(Row("ort", "fp32", 2, timing="wall clock"), _Sleeps("o", 0.01, logits, []), None, x, logits)
+    time_rows([timed], Settings(warmup=0, min_time=0.2, rounds=4))
+    assert timed.row.iterations * timed.row.latency_ms["mean"] / 1e3 >= 0.2 * 0.95  # --min-time: calls fill it
 
 
 @pytest.mark.slow
@@ -84,15 +121,16 @@ def test_int8_row_reports_the_agreement_its_artifact_really_has(matrix):
 
 @pytest.mark.slow
 def test_gaps_are_stated(matrix):
+    import importlib.util
+
     _, _, rows, _ = matrix
     torch_int8 = _row(rows, "torch", "int8", 1)
     assert torch_int8.status == "skipped" and "no INT8" in torch_int8.reason
     trt = _row(rows, "trt", "fp32", 1)
-    reason = backend_unavailable("trt")
-    if reason:
-        assert trt.status == "skipped" and trt.reason == reason
+    if importlib.util.find_spec("tensorrt") is None:  # what this test sees, not what bench says
+        assert trt.status == "skipped" and "TensorRT" in trt.reason and "not installed" in trt.reason
     else:
-        assert trt.status == "ok" and trt.throughput > 0
+        assert trt.status in ("ok", "skipped") and (trt.status == "ok") == (trt.throughput is not None)
 
 
 @pytest.mark.slow
@@ -111,16 +149,31 @@ def test_artifacts_are_reused_and_keyed_by_calibration(matrix):
 
 
 class _Crashes:
+    """A runner that answers ``good`` calls, then loses its device."""
+
     name = "crashes"
 
+    def __init__(self, good=0):
+        self.good = good
+
     def infer(self, batch):
-        raise RuntimeError("device lost")
+        self.good -= 1
+        if self.good < 0:
+            raise RuntimeError("device lost")
+        return np.zeros((len(batch), 10), np.float32)
 
 
-def test_a_crash_is_an_error_row():
-    x = np.zeros((1, 3, 8, 8), np.float32)
-    row = measure("ort", "fp32", 1, "wall clock", _Crashes(), None, x, np.zeros((1, 10)), Settings(iters=1))
-    assert row.status == "error" and row.reason == "device lost"
+def test_a_crash_is_an_error_row_and_the_other_rows_go_on():
+    from resnet_export.bench import Row, check, time_rows
+
+    x, logits = np.zeros((1, 3, 8, 8), np.float32), np.zeros((1, 10), np.float32)
+    at_check = check(Row("ort", "fp32", 1, timing="wall clock"), _Crashes(), None, x, logits)
+    assert at_check.row.status == "error" and at_check.row.reason == "device lost" and at_check.call is None
+    later = check(Row("ort", "fp32", 1, timing="wall clock"), _Crashes(good=3), None, x, logits)  # dies in round 2
+    fine = check(Row("openvino", "fp32", 1, timing="wall clock"), _Crashes(good=100), None, x, logits)
+    time_rows([at_check, later, fine], Settings(warmup=1, iters=4, rounds=4))
+    assert later.row.status == "error" and later.row.reason == "device lost" and later.row.throughput is None
+    assert fine.row.status == "ok" and fine.row.iterations == 4
 
 
 @pytest.mark.slow
@@ -128,7 +181,7 @@ def test_reports(matrix, tmp_path):
     model, _, rows, env = matrix
     paths = write_reports(rows, env, model.name, tmp_path)
     data = json.loads(paths["report.json"].read_text())
-    assert data["schema_version"] == 1 and len(data["rows"]) == len(rows)
+    assert data["schema_version"] == 2 and len(data["rows"]) == len(rows)
     md = paths["report.md"].read_text()
     assert "| backend | precision | batch |" in md and "| torch | int8 | 1 | skipped: PyTorch eager has no INT8" in md
     for name in ("throughput.png", "latency.png"):
@@ -218,7 +271,9 @@ def test_bench_calibrates_on_npy(tmp_path):
                  "--report", tmp_path / "report")
     assert result.exit_code == 0, result.output
     row = json.loads((tmp_path / "report" / "report.json").read_text())["rows"][0]
-    assert row["status"] == "ok" and row["iterations"] == 2
+    assert row["status"] == "ok"
+    saved = np.load(next((tmp_path / "report" / "artifacts").glob("*/calibration-*.npy")))
+    assert np.array_equal(saved, np.load(arrays))  # what INT8 was calibrated on: the file's arrays, not random ones
 
 
 @pytest.mark.slow
@@ -319,7 +374,58 @@ def test_bench_baseline_gates_regressions_by_row(tmp_path):
     other = run(*args, "--report", tmp_path / "other", "--baseline", tmp_path / "other.json")
     assert other.exit_code == 0, other.output
     assert "comparing fidelity only" in other.stderr and "fidelity only" in other.stdout
+    folder = tmp_path / "baselines"  # --baseline DIR, as make bench-ci passes: the file of this CPU class
+    folder.mkdir()
+    (folder / "a-elsewhere.json").write_text(json.dumps(elsewhere))
+    (folder / "b-here.json").write_text(json.dumps(faster))
+    picked = run(*args, "--report", tmp_path / "picked", "--baseline", folder)
+    assert picked.exit_code == 3 and f"## Compared with {folder / 'b-here.json'}" in picked.stdout
+    (folder / "b-here.json").unlink()
+    none = run(*args, "--report", tmp_path / "none", "--baseline", folder)
+    assert none.exit_code == 0 and "nothing compared" in none.stderr and "## Compared with" not in none.stdout
     trend = run("trend", tmp_path, "-o", tmp_path / "trend")  # base, again, slow, other (+ the doctored copies' dirs)
     assert trend.exit_code == 0, trend.output
-    assert "4 reports under" in trend.stdout and "| ort fp32 b2 (wall clock, CPU) | speed-up vs torch |" in trend.stdout
+    assert "6 reports under" in trend.stdout and "| ort fp32 b2 (wall clock, CPU) | speed-up vs torch |" in trend.stdout
     assert (tmp_path / "trend" / "trend.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_calibrates_on_a_folder_for_min_time_with_the_seed_asked(tmp_path):
+    """--calib DIR --calib-size N --seed S --min-time T, as observed: the INT8 file was calibrated on N images
+    (the arrays bench saved beside it), the artifacts are keyed by the seed's model, the timed calls fill T."""
+    from resnet_export.bench import artifact_key
+    from resnet_export.models import load_model
+
+    from .conftest import IMAGES
+
+    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends", "ort",
+                 "--precisions", "int8", "--batch-sizes", "2", "--warmup", "0", "--min-time", "0.5", "--calib", IMAGES,
+                 "--calib-size", "5", "--seed", "3", "--report", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "report" / "report.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["iterations"] * row["latency_ms"]["mean"] / 1e3 >= 0.5 * 0.95
+    seeded = load_model(arch="resnet18", num_classes=10, input_size=(32, 32), seed=3)
+    folder = tmp_path / "report" / "artifacts" / f"resnet18-{artifact_key(seeded, 3)}"
+    saved = np.load(next(folder.glob("calibration-*.npy")))  # the images INT8 was calibrated on
+    assert saved.shape == (5, 3, 32, 32) and json.loads(next(folder.glob("int8-cpu-*.onnx.json")).read_text())[
+        "settings"]["calib"].endswith(".npy")
+
+
+def test_gpu_onnx_runtime_backends_without_a_gpu_are_skipped_rows(tmp_path):
+    """ort-cuda and ort-trt where this machine lacks them: stated rows, and the CPU rows still run."""
+    import onnxruntime as ort
+    import torch
+
+    if torch.cuda.is_available() and {"CUDAExecutionProvider", "TensorrtExecutionProvider"} <= set(
+            ort.get_available_providers()):
+        pytest.skip("this machine runs both GPU backends")
+    result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--backends",
+                 "ort-cuda,ort-trt,ort", "--precisions", "fp32", "--batch-sizes", "1", "--warmup", "0", "--iters", "2",
+                 "--report", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "report" / "report.json").read_text())["rows"]}
+    assert rows["ort"]["status"] == "ok"
+    for backend in ("ort-cuda", "ort-trt"):
+        if not torch.cuda.is_available():
+            assert rows[backend]["status"] == "skipped" and rows[backend]["reason"] == "no CUDA GPU on this machine"
+        assert f"| {backend} | fp32 | 1 | skipped: " in result.stdout or rows[backend]["status"] == "ok"

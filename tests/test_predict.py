@@ -105,9 +105,12 @@ def test_predict_on_a_local_ray_cluster_gives_the_same_rows(resnet18_onnx, tmp_p
 
 @pytest.mark.slow
 def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_onnx, tmp_path):
-    """--ray alone starts a local Ray and shuts it down; --ray auto joins the cluster `ray start` runs."""
+    """--ray alone starts a local Ray and shuts it down; --ray ADDRESS joins the cluster `ray start` runs (on a
+    free port, stopped by ending its own process: another Ray on this machine is neither joined nor stopped)."""
+    import socket
     import subprocess
     import sys
+    import time
 
     import ray
 
@@ -115,19 +118,30 @@ def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_o
     own = run("predict", resnet18_onnx.path, IMAGES, "--ray", "--workers", "1", "-o", tmp_path / "own.jsonl")
     assert own.exit_code == 0, own.output
     assert not ray.is_initialized()  # the toolkit's own cluster is gone with the command
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    started = subprocess.run([*ray_cli, "start", "--head", "--num-cpus", "2", "--include-dashboard", "false",
-                              "--disable-usage-stats"], capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stderr[-2000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        joined = run("predict", resnet18_onnx.path, IMAGES, "--ray", "auto", "--workers", "1",
-                     "-o", tmp_path / "auto.jsonl")
+        deadline = time.time() + 120
+        while head.poll() is None and time.time() < deadline:
+            with socket.socket() as gcs:
+                if gcs.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        assert head.poll() is None, head.stderr.read()[-2000:]
+        joined = run("predict", resnet18_onnx.path, IMAGES, "--ray", f"127.0.0.1:{port}", "--workers", "1",
+                     "-o", tmp_path / "joined.jsonl")
     finally:
-        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        head.terminate()  # `ray start --block` stops its cluster when it ends
+        head.wait(timeout=120)
     assert joined.exit_code == 0, joined.output
     local = run("predict", resnet18_onnx.path, IMAGES, "-o", tmp_path / "local.jsonl")
     rows = (tmp_path / "local.jsonl").read_text()
-    assert (tmp_path / "own.jsonl").read_text() == rows and (tmp_path / "auto.jsonl").read_text() == rows
+    assert (tmp_path / "own.jsonl").read_text() == rows and (tmp_path / "joined.jsonl").read_text() == rows
 
 
 def test_ray_missing_is_a_one_line_error_naming_the_extra(resnet18_onnx, tmp_path, monkeypatch):
@@ -179,8 +193,10 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
                "-o", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and (not partial.exists() or partial.read_text().count("\n") < 150):
+    while process.poll() is None and time.time() < deadline and (
+            not partial.exists() or partial.read_text().count("\n") < 150):
         time.sleep(0.05)
+    assert process.poll() is None, f"predict ended (code {process.returncode}) before it could be killed halfway"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     written = partial.read_text().count("\n") - 1

@@ -60,17 +60,44 @@ def test_a_foreign_onnx_gets_its_preprocessing_from_the_options(tmp_path):
         torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(foreign), dynamo=False,
                           dynamic_axes={"input": {0: "batch"}}, input_names=["input"])
     folded = tmp_path / "folded.onnx"
-    result = run("fold", foreign, "--resize", "32", "--mean", "0.5", "--std", "0.25", "-o", folded)
+    result = run("fold", foreign, "--resize", "32", "--interpolation", "nearest", "--mean", "0.5", "--std", "0.25",
+                 "-o", folded)
     assert result.exit_code == 0, result.output
-    assert "preprocessing: shorter side to 32 (bilinear), center crop 32x32, [0, 1], mean 0.5, std 0.25" in result.stdout
+    assert "preprocessing: shorter side to 32 (nearest), center crop 32x32, [0, 1], mean 0.5, std 0.25" in result.stdout
     spec = onnx_preprocessing(folded)
-    assert (spec.resize, spec.mean, spec.std, spec.channels) == (32, (0.5,), (0.25,), 1)
+    assert (spec.resize, spec.interpolation, spec.mean, spec.std, spec.channels) == (32, "nearest", (0.5,), (0.25,), 1)
     assert json.loads((tmp_path / "folded.onnx.json").read_text())["preprocessing"]["std"] == [0.25]
     fp16 = run("quantize", foreign, "--fp16", "--interpolation", "bicubic", "-o", tmp_path / "h.onnx")
     assert fp16.exit_code == 0, fp16.output
     assert onnx_preprocessing(tmp_path / "h.onnx").interpolation == "bicubic"  # stored for later stages
     assert_one_line_error(run("quantize", folded, "--fp16", "--resize", "40", "-o", tmp_path / "x.onnx"),
                           "carries its preprocessing")
+
+
+@pytest.mark.slow
+def test_quantize_calibrates_on_images_normalised_as_stated(tmp_path):
+    """quantize --int8 --mean --std on an ONNX made elsewhere: calibration images are normalised as stated, so
+    halving --std doubles the range of the input, and the scale of its QuantizeLinear (minmax) doubles."""
+    from .conftest import IMAGES
+
+    foreign = tmp_path / "foreign.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(load_model(model=FACTORY).module.eval(), (torch.randn(2, 1, 32, 32),), str(foreign),
+                          dynamo=False, dynamic_axes={"input": {0: "batch"}}, input_names=["input"])
+
+    def input_scale(std):
+        out = tmp_path / f"q-{std}.onnx"
+        result = run("quantize", foreign, "--int8", "--target", "cpu", "--calib", IMAGES, "--calib-size", "4",
+                     "--min-agreement", "0", "--max-accuracy-drop", "100", "--resize", "32", "--mean", "0.5",
+                     "--std", std, "-o", out)
+        assert result.exit_code == 0, result.output
+        model = onnx.load(str(out))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        first = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        return float(inits[first.input[1]])
+
+    assert input_scale(0.25) == pytest.approx(2 * input_scale(0.5), rel=1e-5)
 
 
 @pytest.mark.slow

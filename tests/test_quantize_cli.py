@@ -237,3 +237,45 @@ def test_trt_builds_fp32_by_default(tmp_path):
     assert "FP32 ONNX vs PyTorch" in result.stdout and "PASS" in result.stdout
     manifest = json.loads((tmp_path / "r18.fp32.onnx.json").read_text())
     assert manifest["precision"] == "fp32" and not out.exists()
+
+
+@pytest.mark.slow
+def test_quantize_cpu_vnni_writes_8_bit_weights_and_checks_them_on_this_cpu(resnet18_onnx, tmp_path):
+    """--cpu vnni: the artifact's conv weights span the full 8 bits (read from the file); the fused-vs-exact
+    kernel check on this CPU decides the verdict (a pass where u8s8 adds in 32 bits, a named failure or a pass
+    where the products did not saturate)."""
+    from resnet_export.cpu import cpu_info, exact_u8s8
+    from resnet_export.errors import EXIT_GATE_FAILED
+    from resnet_export.onnx_graph import conv_weight_peak
+
+    out = tmp_path / "v.onnx"
+    result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--calib-size", "4", "--target", "cpu",
+                 "--cpu", "vnni", "-o", out)
+    assert result.exit_code in (0, EXIT_GATE_FAILED), result.output
+    assert conv_weight_peak(onnx.load(str(out))) > 64  # 8-bit weights, beyond the portable form's [-64, 64]
+    manifest = json.loads((tmp_path / "v.onnx.json").read_text())
+    assert manifest["conversion"]["weight_bits"] == 8 and manifest["verification"]["kernels"]
+    if exact_u8s8(cpu_info()):
+        assert manifest["verification"]["kernels"]["passed"]
+    if result.exit_code:
+        assert "fused" in result.stderr and not manifest["verification"]["kernels"]["passed"]
+
+
+@pytest.mark.slow
+def test_min_cosine_is_the_gate_the_search_meets(digits, tmp_path):
+    """--min-cosine above what plain INT8 reaches on a trained model: the sensitivity search runs for it and
+    the artifact reaches it, or the command fails naming the cosine. Ignored, the default 0.95 would pass."""
+    from resnet_export.errors import EXIT_GATE_FAILED
+
+    out = tmp_path / "c.onnx"
+    result = run("quantize", digits.fp32, "--int8", "--target", "cpu", "--calib", digits.train, "--calib-size", "64",
+                 "--val", digits.val, "--min-cosine", "0.99995", "-o", out)
+    assert result.exit_code in (0, EXIT_GATE_FAILED), result.output
+    manifest = json.loads((tmp_path / "c.onnx.json").read_text())
+    before = manifest["sensitivity"]["metrics_before"]
+    assert before is not None and before["min_cosine"] < 0.99995  # plain INT8 missed it: the search ran
+    assert manifest["sensitivity"]["excluded"]
+    if result.exit_code == 0:
+        assert manifest["verification"]["metrics"]["min_cosine"] >= 0.99995
+    else:
+        assert_one_line_error(result, "min cosine", code=EXIT_GATE_FAILED)

@@ -102,9 +102,15 @@ def test_int8_plan_from_a_trained_model_verifies_inspects_and_predicts(trt_doubl
     plan = tmp_path / "digits.plan"
     model = ["--model", digits.model.source["factory"], "--weights", digits.checkpoint, "--input-size", "32"]
     result = run("trt", *model, "--int8", "--calib", digits.train, "--calib-method", "max", "--calib-size", "64",
-                 "--val", digits.val, "--max-batch", "16", "-o", plan)
+                 "--val", digits.val, "--rest", "fp32", "--min-cosine", "0.97", "--max-batch", "16", "-o", plan)
     assert result.exit_code == 0, result.output
     assert manifest_of(plan)["precision"]["dtype"] == "int8" and manifest_of(plan)["verification"]["passed"]
+    int8 = onnx.load(str(tmp_path / "digits.int8.onnx"))  # --rest fp32: nothing in the graph is float16
+    fp16 = onnx.TensorProto.FLOAT16
+    assert not [i.name for i in int8.graph.initializer if i.data_type == fp16]
+    assert not [n.name for n in int8.graph.node if n.op_type == "Cast" and n.attribute[0].i == fp16]
+    gate = manifest_of(tmp_path / "digits.int8.onnx")["verification"]
+    assert gate["gate"]["min_cosine"] == 0.97 and gate["metrics"]["min_cosine"] >= 0.97
     verified = run("verify", plan, *model, "--images", digits.val)
     assert verified.exit_code == 0, verified.output
     assert "INT8 (from its manifest)" in verified.stdout and verified.stdout.rstrip().endswith("PASS")
