@@ -77,7 +77,8 @@ def rows_on_ray(artifact: Path, backend: str, spec: Preprocessing, paths: list[P
         return
     started = not ray.is_initialized()
     if started:
-        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
+        # "local" starts a cluster of its own; Ray's default (None) would join the last `ray start` on this machine
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:

@@ -90,7 +90,7 @@ def test_predict_on_a_local_ray_cluster_gives_the_same_rows(resnet18_onnx, tmp_p
     folder = tmp_path / "images"
     shutil.copytree(IMAGES, folder)
     (folder / "cup" / "empty.png").write_bytes(b"")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = run("predict", resnet18_onnx.path, folder, "--ray", "--workers", "2", "--batch", "4",
                      "-o", tmp_path / "ray.jsonl")
@@ -105,11 +105,13 @@ def test_predict_on_a_local_ray_cluster_gives_the_same_rows(resnet18_onnx, tmp_p
 
 @pytest.mark.slow
 def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_onnx, tmp_path):
-    """--ray alone starts a local Ray and shuts it down; --ray ADDRESS joins the cluster `ray start` runs (on a
-    free port, stopped by ending its own process: another Ray on this machine is neither joined nor stopped)."""
+    """--ray alone starts a local Ray of its own and shuts it down; --ray ADDRESS joins the
+    cluster `ray start` runs (on a free port, with its own temp dir, where Ray writes its address file, stopped by
+    ending its own process: another Ray on this machine is neither joined nor stopped)."""
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
 
     import ray
@@ -121,9 +123,10 @@ def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_o
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="rx-ray-")  # short: Ray's Unix sockets live under it
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                              "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                             "--include-dashboard", "false", "--disable-usage-stats"],
+                             "--temp-dir", temp, "--include-dashboard", "false", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -138,6 +141,7 @@ def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_o
     finally:
         head.terminate()  # `ray start --block` stops its cluster when it ends
         head.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
     assert joined.exit_code == 0, joined.output
     local = run("predict", resnet18_onnx.path, IMAGES, "-o", tmp_path / "local.jsonl")
     rows = (tmp_path / "local.jsonl").read_text()
