@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from resnet_export.bench import (
-    backend_unavailable,
     Artifacts,
     BenchError,
     Settings,
