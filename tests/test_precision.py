@@ -221,3 +221,19 @@ def test_sensitivity_refuses_a_tensor_it_cannot_compare(tmp_path):
     inputs = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
     with pytest.raises(PrecisionError, match="tensor 'c' cannot be compared .* \\(shapes differ\\)"):
         rank_quantized_convs(fp32, int8, inputs)
+
+
+def test_reused_ranges_are_checked_in_the_artifact(tmp_path):
+    """ranges_reused is what the quantized model's scales show: equal to the saved ranges, or an error."""
+    from resnet_export.precision import _check_ranges_applied
+
+    saved, written = tmp_path / "saved.cache", tmp_path / "written.cache"
+    saved.write_text("TRT-100000-EntropyCalibration2\ninput: 3c23d70a\nrelu_1: 3d4ccccd\nrelu_2: 3e000000\n")
+    written.write_text("TRT-100000-EntropyCalibration2\ninput: 3c23d70a\nrelu_2: 3e000000\n")  # a conv kept out
+    assert _check_ranges_applied(saved, written, tmp_path / "m.onnx")
+    written.write_text("TRT-100000-EntropyCalibration2\ninput: 3c23d70a\nrelu_2: 3e000001\n")  # calibrated anew
+    with pytest.raises(PrecisionError, match="did not apply the saved activation ranges: 1 of 2 scales differ"):
+        _check_ranges_applied(saved, written, tmp_path / "m.onnx")
+    written.write_text("TRT-100000-EntropyCalibration2\n")
+    with pytest.raises(PrecisionError, match="0 of 0 scales differ"):
+        _check_ranges_applied(saved, written, tmp_path / "m.onnx")
