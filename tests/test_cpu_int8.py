@@ -204,6 +204,50 @@ def test_each_artifact_differs_where_its_kernel_runs(tmp_path):
         assert exact > 0 > fused, make.__name__
 
 
+
+
+def integer_matmul(k: int, weights: np.ndarray, weight_zero_point: int) -> onnx.ModelProto:
+    """``MatMulInteger(a: uint8 (M, k), weights)`` with zero points 7 and ``weight_zero_point``: ONNX Runtime's qgemm."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "a_zero", "w_zero"], ["y"])], "qgemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array(7, np.uint8), "a_zero"),
+         numpy_helper.from_array(np.array(weight_zero_point, weights.dtype), "w_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("weight_type", ["s8", "u8"])
+def test_onnx_runtime_integer_gemm_is_exact_on_this_cpu(weight_type):
+    """ONNX Runtime's qgemm, which its INT8 convs and Gemms run on, gives the exact integer product on this CPU.
+
+    ONNX Runtime up to 1.24.4 computes some conv-shaped products wrongly on AMX CPUs (microsoft/onnxruntime#26324,
+    fixed by PR #27671: the AMX U8S8 kernel's 32-row path, and U8U8 sent to U8S8 kernels): here, on an amx_int8
+    Xeon, 1.24.4 got every case with N = 24 or 58 and M >= 32 wrong, 1.25.1 and 1.31.1 none. Weights of |w| <= 64 keep
+    AVX2's 16-bit pair sums exact too, so the test holds on every CPU with correct kernels.
+    """
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    wrong = []
+    for k, n in ((72, 24), (24, 58), (147, 64), (576, 64)):
+        if weight_type == "s8":
+            weights, zero_point = rng.integers(-64, 65, (k, n)).astype(np.int8), 3
+        else:
+            weights, zero_point = rng.integers(0, 256, (k, n)).astype(np.uint8), 131
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(integer_matmul(k, weights, zero_point).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        for m in (1, 8, 31, 32, 33, 48, 64, 200):
+            a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+            exact = (a.astype(np.int64) - 7) @ (weights.astype(np.int64) - zero_point)
+            if not np.array_equal(session.run(None, {"a": a})[0], exact):
+                wrong.append((m, k, n))
+    assert not wrong, (f"ONNX Runtime {ort.__version__} on {describe_cpu(cpu_info())} computes these (M, K, N) "
+                       f"{weight_type} products wrongly: {wrong}")
 # --------------------------------------------------------------------------- trained models, both forms
 
 
