@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: rows name their thread setting (threads_setting) and measure cores_busy
+SCHEMA_VERSION = 3  # 2: rows name their thread setting (threads_setting) and measure cores_busy; 3: fastest
 BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -74,6 +74,8 @@ class Row:
     threads_setting: int | str | None = None
     #: measured: the process's CPU seconds over wall seconds across the warm-up and timed runs (all threads)
     cores_busy: float | None = None
+    #: the highest img/s of the rows of its precision and batch size timed end to end (wall clock), in this run
+    fastest: bool = False
 
 
 def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -425,6 +427,7 @@ def run_matrix(
             advance()
     time_rows(slots, settings)
     _add_speedups(rows)
+    mark_fastest(rows)
     return rows, environment(settings.threads)
 
 
@@ -498,6 +501,34 @@ def _add_speedups(rows: list[Row]) -> None:
     for row in rows:
         if row.throughput and baseline.get(row.batch):
             row.speedup_vs_torch = row.throughput / baseline[row.batch]
+
+
+def _end_to_end(row: Row) -> bool:
+    """Whether a row's clock covers a whole call from host memory to host memory (not device-only events)."""
+    return row.status == "ok" and bool(row.throughput) and (row.timing or "").startswith("wall clock")
+
+
+def mark_fastest(rows: list[Row]) -> None:
+    """Mark, per precision and batch size, the row timed end to end with the highest img/s in this run."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        row.fastest = False
+        if _end_to_end(row):
+            groups.setdefault((row.precision, row.batch), []).append(row)
+    for group in groups.values():
+        max(group, key=lambda r: r.throughput or 0.0).fastest = True
+
+
+def fastest_summary(rows: list[Row]) -> list[str]:
+    """One line per precision and batch: the fastest backend and its margin over the next one, from the same run."""
+    lines = []
+    for best in (r for r in rows if r.fastest):
+        others = sorted((r for r in rows if _end_to_end(r) and r is not best and r.precision == best.precision
+                         and r.batch == best.batch), key=lambda r: -(r.throughput or 0.0))
+        margin = (f"{best.throughput / others[0].throughput:.2f}x {others[0].backend}" if others
+                  else "the only row")
+        lines.append(f"- {best.precision} batch {best.batch}: **{best.backend}** ({best.throughput:.1f} img/s; {margin})")
+    return lines
 
 
 def prepare_report(folder: Path) -> None:
@@ -595,13 +626,18 @@ def markdown_report(rows: list[Row], env: dict, model: str) -> str:
             continue
         lat = r.latency_ms
         speedup = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else ""
+        throughput = f"**{r.throughput:.1f}** (fastest)" if r.fastest else f"{r.throughput:.1f}"
         lines.append(
             f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {r.threads_setting if r.threads_setting is not None else ''} | "
             f"{r.cores_busy:.2f} | "
             f"{lat['p50']:.2f} | {lat['p90']:.2f} | "
-            f"{lat['p99']:.2f} | {lat['mean']:.2f} | {r.throughput:.1f} | {speedup} | {r.top1_agreement:.1%} | "
+            f"{lat['p99']:.2f} | {lat['mean']:.2f} | {throughput} | {speedup} | {r.top1_agreement:.1%} | "
             f"{r.max_abs_err:.3g} |"
         )
+    summary = fastest_summary(rows)
+    if summary:
+        lines += ["", "Fastest backend per precision and batch size (end-to-end timings of this run; "
+                  "the margin is over the next backend):", *summary]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,9 @@ from resnet_export.bench import (
     run_matrix,
     write_reports,
     BACKENDS,
+    Row,
+    mark_fastest,
+    markdown_report,
 )
 
 from .conftest import loaded
@@ -180,11 +183,35 @@ def test_reports(matrix, tmp_path):
     model, _, rows, env = matrix
     paths = write_reports(rows, env, model.name, tmp_path)
     data = json.loads(paths["report.json"].read_text())
-    assert data["schema_version"] == 2 and len(data["rows"]) == len(rows)
+    assert data["schema_version"] == 3 and len(data["rows"]) == len(rows)
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    for precision, batch in {(r["precision"], r["batch"]) for r in ok}:  # one fastest, the highest img/s
+        group = [r for r in ok if (r["precision"], r["batch"]) == (precision, batch)]
+        assert [r for r in group if r["fastest"]] == [max(group, key=lambda r: r["throughput"])]
     md = paths["report.md"].read_text()
     assert "| backend | precision | batch |" in md and "| torch | int8 | 1 | skipped: PyTorch eager has no INT8" in md
     for name in ("throughput.png", "latency.png"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fastest_backend_is_marked_per_precision_and_batch_among_end_to_end_rows():
+    def row(backend, precision, batch, img_s, timing="wall clock, CPU", status="ok"):
+        return Row(backend, precision, batch, status=status, timing=timing, throughput=img_s, iterations=3,
+                   latency_ms={k: 1.0 for k in ("p50", "p90", "p99", "mean")}, top1_agreement=1.0, max_abs_err=0.0,
+                   cores_busy=1.0)
+
+    rows = [row("torch", "fp32", 1, 10.0), row("ort", "fp32", 1, 30.0), row("openvino", "fp32", 1, 20.0),
+            row("ort", "int8", 1, 50.0), row("openvino", "int8", 1, 60.0),
+            row("trt", "int8", 1, 900.0, timing="CUDA events, input on the device"),  # no copies: not comparable
+            row("ort", "int8", 8, 70.0), row("openvino", "int8", 8, None, status="error")]
+    mark_fastest(rows)
+    assert [(r.backend, r.precision, r.batch) for r in rows if r.fastest] == [
+        ("ort", "fp32", 1), ("openvino", "int8", 1), ("ort", "int8", 8)]
+    md = markdown_report(rows, {"cpu": "x", "cores": 2, "cpu_flags": [], "threads_requested": 2, "gpu": None,
+                                "versions": {}}, "m")
+    assert "| **60.0** (fastest) |" in md and "| 50.0 |" in md
+    assert "- int8 batch 1: **openvino** (60.0 img/s; 1.20x ort)" in md
+    assert "- fp32 batch 1: **ort** (30.0 img/s; 1.50x openvino)" in md and "- int8 batch 8: **ort** (70.0 img/s; the only row)" in md
 
 
 @pytest.mark.parametrize(
