@@ -429,15 +429,17 @@ def trend(reports, output):
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True, help="Dynamic batcher queue delay.")
 @click.option("--preferred-batch", callback=_parse_floats, metavar="N[,N,...]", help="Preferred batch sizes (default: none, Triton's advice).")
 @click.option("--ort-trt", is_flag=True, help="ONNX Runtime's TensorRT accelerator for an ONNX on GPU, with profile shapes.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
+              help="Triton backend for an ONNX; openvino runs on CPU instances (the CPU peer for a CPU-target INT8).")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Class names, one per line (default: the artifact's).")
 @click.option("--force", is_flag=True, help="Replace an existing version.")
 def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_queue_delay_us, preferred_batch, ort_trt,
-           labels, force):
+           backend, labels, force):
     """Write a Triton model repository entry (config.pbtxt, VERSION/model.onnx|model.plan, labels, README)."""
     from .triton import TritonRequest, triton_entry
 
     request = TritonRequest(name, model_version, max_batch, instances, kind, max_queue_delay_us,
-                            tuple(int(b) for b in preferred_batch or ()), ort_trt, labels, force)
+                            tuple(int(b) for b in preferred_batch or ()), ort_trt, labels, force, backend)
     result = triton_entry(artifact, repo, request)
     click.echo(f"{artifact} -> {result.model_dir}: version {model_version}, max_batch_size {result.max_batch_size}, "
                f"{result.labels or 'no'} labels; config validated as Triton's ModelConfig")

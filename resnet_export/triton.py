@@ -1,4 +1,4 @@
-"""A Triton Inference Server model repository entry from an artifact: ONNX (onnxruntime backend) or plan.
+"""A Triton Inference Server model repository entry from an artifact: ONNX (onnxruntime or openvino backend) or plan.
 
 The config is built as Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``,
 the way Triton Model Navigator builds it: ``json_format.ParseDict`` then ``text_format``), parsed back
@@ -15,6 +15,12 @@ the GPU's compute capability is in the map; the TensorRT backend then defaults t
 a version-compatible one loads only when the server runs with
 ``--backend-config=tensorrt,version-compatible=true`` (tensorrt_backend README; loader.cc calls
 ``setEngineHostCodeAllowed`` only then), which no config.pbtxt can say: its README and a warning do.
+
+An ONNX can also be served by Triton's openvino backend, the CPU peer for a CPU-target INT8 model: it runs on
+CPU instances only, reads ONNX when ``default_model_filename`` is ``model.onnx`` (its default is ``model.xml``),
+and takes OpenVINO's compile settings from ``parameters`` (openvino_backend README, "Parameters" and "Loading
+non default model format"; src/openvino.cc reads only the keys it knows, so the preprocessing keys pass). Its
+config is checked against the model as OpenVINO reads it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 3: "TYPE_INT8", 
 TRT_TYPES = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8",
              "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL"}
 KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+#: The Triton backends that serve an ONNX; a plan is served by the tensorrt backend.
+ONNX_BACKENDS = ("onnxruntime", "openvino")
+#: OpenVINO's compile settings in an openvino-backend entry: the LATENCY hint and one stream, as `bench` and
+#: `predict` compile it (openvino_backend README, "Latency mode").
+OPENVINO_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+#: OpenVINO element types -> Triton data types (the openvino-backend check reads the model through OpenVINO).
+OPENVINO_TYPES = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i8": "TYPE_INT8", "u8": "TYPE_UINT8",
+                  "i32": "TYPE_INT32", "i64": "TYPE_INT64", "boolean": "TYPE_BOOL"}
 DEFAULT_MAX_BATCH = 8
 #: The server option without which Triton's TensorRT backend refuses a version-compatible plan (tensorrt_backend README).
 VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
@@ -61,10 +75,13 @@ class TritonRequest:
     ort_trt: bool = False
     labels: Path | None = None
     force: bool = False
+    backend: str = "onnxruntime"  # for an ONNX: onnxruntime or openvino
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise TritonError(f"unknown instance kind '{self.kind}'; choose one of {', '.join(KINDS)}")
+        if self.backend not in ONNX_BACKENDS:
+            raise TritonError(f"unknown backend '{self.backend}'; choose one of {', '.join(ONNX_BACKENDS)}")
         if self.version < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
             raise TritonError("`version` and `instances` must be positive and `max_queue_delay_us` not negative")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -203,11 +220,16 @@ def build_config(served: Served, name: str, request: TritonRequest, class_names:
     """The config.pbtxt text for ``served`` and its max_batch_size; raises on any rule it would break."""
     max_batch = _max_batch(served, request)
     kind = KINDS[request.kind]
+    backend = _backend(served, request)
     if served.kind == "plan":
         if request.kind == "cpu":
             raise TritonError("a TensorRT plan runs on a GPU instance only: use `kind` gpu or auto")
         kind = "KIND_GPU"
-    if request.ort_trt and (served.kind != "onnx" or request.kind == "cpu"):
+    if backend == "openvino":
+        if request.kind == "gpu":
+            raise TritonError("Triton's openvino backend runs on CPU instances only: use `kind` cpu or auto")
+        kind = "KIND_CPU"
+    if request.ort_trt and (backend != "onnxruntime" or request.kind == "cpu"):
         raise TritonError("`ort_trt` is ONNX Runtime's TensorRT accelerator for an ONNX on a GPU instance")
     for size in request.preferred_batch:
         if not 1 <= size <= max_batch:
@@ -222,7 +244,7 @@ def build_config(served: Served, name: str, request: TritonRequest, class_names:
 
     config = {
         "name": name,
-        "backend": "onnxruntime" if served.kind == "onnx" else "tensorrt",
+        "backend": backend,
         "max_batch_size": max_batch,
         "input": [io(t) for t in served.inputs],
         "output": [io(t, label=bool(class_names) and i == 0) for i, t in enumerate(served.outputs)],
@@ -242,10 +264,25 @@ def build_config(served: Served, name: str, request: TritonRequest, class_names:
     if request.ort_trt:
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
             {"name": "tensorrt", "parameters": _ort_trt_parameters(served, max_batch)}]}}
+    parameters = {}
+    if backend == "openvino":
+        config["default_model_filename"] = served.model_filename
+        parameters.update({key: {"string_value": value} for key, value in OPENVINO_PARAMETERS.items()})
     if served.preprocessing:
-        config["parameters"] = {f"preprocessing_{k}": {"string_value": json.dumps(v)}
-                                for k, v in served.preprocessing.items() if k != "class_names"}
+        parameters.update({f"preprocessing_{k}": {"string_value": json.dumps(v)}
+                           for k, v in served.preprocessing.items() if k != "class_names"})
+    if parameters:
+        config["parameters"] = parameters
     return _render(config), max_batch
+
+
+def _backend(served: Served, request: TritonRequest) -> str:
+    """The Triton backend that serves ``served``: tensorrt for a plan, the request's for an ONNX."""
+    if served.kind == "plan":
+        if request.backend != "onnxruntime":
+            raise TritonError(f"a TensorRT plan is served by Triton's tensorrt backend, not {request.backend}")
+        return "tensorrt"
+    return request.backend
 
 
 def _max_batch(served: Served, request: TritonRequest) -> int:
@@ -311,12 +348,24 @@ ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tens
              "tensor(int64)": "TYPE_INT64", "tensor(bool)": "TYPE_BOOL"}
 
 
-def artifact_tensors(artifact: Path) -> tuple[list[Tensor], list[Tensor]]:
+def artifact_tensors(artifact: Path, backend: str = "onnxruntime") -> tuple[list[Tensor], list[Tensor]]:
     """The inputs and outputs the served runtime will see, read apart from ``describe_artifact``.
 
-    An ONNX is read by ONNX Runtime itself (what Triton's onnxruntime backend loads); a plan by its
-    manifest's ``io`` records, as TensorRT reported them when it built the plan (``plan_tensors``).
+    An ONNX is read by the runtime of the backend that serves it, ONNX Runtime or OpenVINO (what Triton's
+    backend loads); a plan by its manifest's ``io`` records, as TensorRT reported them when it built the plan
+    (``plan_tensors``).
     """
+    if artifact.suffix == ".onnx" and backend == "openvino":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(artifact))
+
+        def ov_tensors(ports) -> list[Tensor]:
+            return [Tensor(p.get_any_name(), OPENVINO_TYPES.get(p.get_element_type().get_type_name(),
+                                                                 p.get_element_type().get_type_name()),
+                           [d.get_length() if d.is_static else None for d in p.get_partial_shape()]) for p in ports]
+
+        return ov_tensors(model.inputs), ov_tensors(model.outputs)
     if artifact.suffix == ".onnx":
         from .runners import OrtRunner
 
@@ -335,7 +384,8 @@ def artifact_tensors(artifact: Path) -> tuple[list[Tensor], list[Tensor]]:
 def check_config(text: str, artifact: Path, name: str, max_batch: int) -> None:
     """Parse ``text`` back into ModelConfig and check it against the artifact itself; raise on any disagreement.
 
-    The artifact is read again (``artifact_tensors``), not through the description the config was made from.
+    The artifact is read again (``artifact_tensors``, by the runtime of the config's backend), not through the
+    description the config was made from.
     """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -344,8 +394,13 @@ def check_config(text: str, artifact: Path, name: str, max_batch: int) -> None:
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as exc:
         raise TritonError(f"the generated config does not parse as Triton's ModelConfig: {exc}") from exc
-    inputs, outputs = artifact_tensors(artifact)
+    inputs, outputs = artifact_tensors(artifact, config.backend)
     problems = []
+    if config.backend == "openvino" and config.default_model_filename != "model.onnx":
+        problems.append("the openvino backend reads an ONNX only as default_model_filename model.onnx")
+    if config.backend == "openvino" and any(g.kind != model_config_pb2.ModelInstanceGroup.KIND_CPU
+                                            for g in config.instance_group):
+        problems.append("the openvino backend runs on CPU instances only")
     if config.name != name:
         problems.append(f"name {config.name} != folder {name}")
     if config.max_batch_size != max_batch:
@@ -389,13 +444,15 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     try:
         (staging / str(request.version)).mkdir()
         model_file = staging / str(request.version) / served.model_filename
-        rewritten = _write_as_spec_rounds(artifact, model_file) if served.kind == "onnx" else 0
+        rewritten = _write_as_spec_rounds(artifact, model_file) if request.backend == "onnxruntime" \
+            and served.kind == "onnx" else 0
         if not rewritten:
             shutil.copyfile(artifact, model_file)
         (staging / "config.pbtxt").write_text(text)
         if class_names:
             (staging / "labels.txt").write_text("\n".join(class_names) + "\n")
-        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names), rewritten))
+        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names), rewritten,
+                                                   _backend(served, request)))
         _move_into_place(staging, model_dir, str(request.version))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -489,7 +546,8 @@ def _plan_notes(served: Served, max_batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: int = 0) -> str:
+def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: int = 0,
+            backend: str = "onnxruntime") -> str:
     spec = served.preprocessing or {}
     size = spec.get("input_size", ["H", "W"])
     interpolation = spec.get("interpolation", "bilinear")  # as data.load_image resamples
@@ -503,7 +561,7 @@ def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: 
                 f'np.stack([preprocess("image.jpg")] * {fixed})  # the model takes exactly {fixed} images')
     return f"""# {name}
 
-Made by `resnet-export triton` ({served.kind}, {served.precision}). Triton does not preprocess: send
+Made by `resnet-export triton` ({served.kind}, {served.precision}, Triton's {backend} backend). Triton does not preprocess: send
 what the model takes, preprocessed as below (also in `config.pbtxt` `parameters`).
 
 - input `{tensor_in.name}`: {tensor_in.data_type}, {tensor_in.dims} (batch axis first)

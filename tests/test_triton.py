@@ -91,6 +91,44 @@ def test_config_is_checked_against_the_artifact_and_each_check_can_fail(resnet18
         check_config(text, fixed, "r18", 8)
 
 
+def test_openvino_backend_entry_is_checked_against_the_model_as_openvino_reads_it(resnet18_onnx, tmp_path):
+    from resnet_export.triton import TritonError, check_config
+
+    artifact = resnet18_onnx.path
+    result = run("triton", artifact, "--repo", tmp_path / "repo", "--name", "r18", "--backend", "openvino")
+    assert result.exit_code == 0, result.output
+    model_dir = tmp_path / "repo" / "r18"
+    config = _config(model_dir)
+    assert config.backend == "openvino" and config.default_model_filename == "model.onnx"  # its default: model.xml
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU  # auto -> its only kind
+    assert {k: config.parameters[k].string_value for k in ("PERFORMANCE_HINT", "NUM_STREAMS")} == \
+        {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 64, 64])] and config.max_batch_size == 8
+    assert (model_dir / "1" / "model.onnx").read_bytes() == artifact.read_bytes()
+    assert "Triton's openvino backend" in (model_dir / "README.md").read_text()
+    text = (model_dir / "config.pbtxt").read_text()
+    check_config(text, artifact, "r18", 8)
+    doctored = {
+        "reads an ONNX only as default_model_filename model.onnx": text.replace('"model.onnx"', '"model.xml"'),
+        "runs on CPU instances only": text.replace("KIND_CPU", "KIND_GPU"),
+        "names or types differ": text.replace('name: "logits"', 'name: "output"'),
+        "dims of 'input' differ": text.replace("dims: 64", "dims: 32", 1),
+    }
+    for message, wrong in doctored.items():
+        with pytest.raises(TritonError, match=re.escape(message)):
+            check_config(wrong, artifact, "r18", 8)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "gpu"], "Triton's openvino backend runs on CPU instances only: use --kind cpu or auto"),
+    (["--ort-trt"], "--ort-trt is ONNX Runtime's TensorRT accelerator for an ONNX on a GPU instance"),
+])
+def test_openvino_backend_errors_write_nothing(resnet18_onnx, tmp_path, args, message):
+    assert_one_line_error(run("triton", resnet18_onnx.path, "--repo", tmp_path / "repo", "--backend", "openvino", *args),
+                          message)
+    assert not (tmp_path / "repo").exists()
+
+
 def test_readme_snippet_preprocesses_as_the_toolkit(resnet18_small, tmp_path):
     """The client snippet's preprocess() must give the tensor data.load_image gives, for a non-square input."""
     from PIL import Image
@@ -132,6 +170,12 @@ def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
     parameters = config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
     assert parameters["precision_mode"] == precision.upper()
     assert parameters["trt_profile_max_shapes"] == "input:8x3x64x64"
+    if precision == "int8":  # the CPU-target INT8 on Triton's openvino backend, checked as OpenVINO reads it
+        result = run("triton", made.path, "--repo", tmp_path / "repo", "--name", "ov", "--backend", "openvino",
+                     "--kind", "cpu")
+        assert result.exit_code == 0, result.output
+        served = tmp_path / "repo" / "ov" / "1" / "model.onnx"
+        assert _config(tmp_path / "repo" / "ov").backend == "openvino" and served.read_bytes() == made.path.read_bytes()
 
 
 def write_plan(folder, onnx_path, *, profile=(1, 8, 16), options=None, name="r18"):
@@ -222,6 +266,7 @@ def test_fixed_batch_plan_is_served_without_batching(trt_double, resnet18_onnx, 
     (["--kind", "cpu"], "a TensorRT plan runs on a GPU instance only"),
     (["--preferred-batch", "32"], "preferred batch size 32 is outside 1..max_batch_size 16"),
     (["--ort-trt"], "--ort-trt is ONNX Runtime's TensorRT accelerator for an ONNX"),
+    (["--backend", "openvino"], "a TensorRT plan is served by Triton's tensorrt backend, not openvino"),
 ])
 def test_plan_errors_write_nothing(plan, tmp_path, args, message):
     assert_one_line_error(run("triton", plan, "--repo", tmp_path / "repo", *args), message)
