@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3  # 2: rows name their thread setting (threads_setting) and measure cores_busy; 3: fastest
-BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "openvino")
+BACKENDS = ("torch", "ort", "ort-openvino", "ort-cuda", "ort-trt", "trt", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -185,6 +185,11 @@ def backend_unavailable(backend: str) -> str | None:
             import openvino  # noqa: F401
         except ImportError:
             return "OpenVINO is not installed (pip install 'resnet-export[openvino]')"
+    if backend == "ort-openvino":
+        try:
+            import onnxruntime_ep_openvino  # noqa: F401
+        except ImportError:
+            return "ONNX Runtime's OpenVINO plugin EP is not installed (pip install 'resnet-export[openvino]')"
     return None
 
 
@@ -312,7 +317,7 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
     TensorRT backend has one plan per batch, its profile tuned for that batch and named in the label,
     and adds a second row per batch timed with host-device copies.
     """
-    from .runners import OpenVinoRunner, OrtRunner, TorchRunner
+    from .runners import OPENVINO_EP, OpenVinoRunner, OrtRunner, TorchRunner
 
     threads = settings.threads
     if backend == "torch":
@@ -320,9 +325,10 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
             return [("wall clock, CPU", TorchRunner(artifacts.loaded.module), None, None)]
         cuda = device.current()
         return [(f"{cuda.clock}, inputs on device", _TorchCudaRunner(artifacts.loaded.module), cuda.time, None)]
-    if backend == "ort":
+    if backend in ("ort", "ort-openvino"):
         target = "cpu" if precision == "int8" else "trt"
-        return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), ["CPUExecutionProvider"], threads), None, None)]
+        provider = "CPUExecutionProvider" if backend == "ort" else OPENVINO_EP
+        return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), [provider], threads), None, None)]
     if backend == "ort-cuda":
         return [("wall clock, with host-device copies",
                  OrtRunner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None, None)]

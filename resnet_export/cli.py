@@ -463,7 +463,7 @@ def inspect(artifact, as_json):
 @main.command()
 @model_options
 @click.option("--backends", default="torch,ort", show_default=True,
-              help="Comma-separated: torch, ort, ort-cuda, ort-trt, trt, openvino.")
+              help="Comma-separated: torch, ort, ort-openvino (OpenVINO kernels through ONNX Runtime), ort-cuda, ort-trt, trt, openvino.")
 @click.option("--precisions", default="fp32,int8", show_default=True, help="Comma-separated: fp32, fp16, int8.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated positive integers.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")

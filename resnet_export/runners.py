@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -37,8 +38,28 @@ class TorchRunner:
         return run_forward(self.module, torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
 
 
+#: ONNX Runtime's OpenVINO execution provider, a plugin library (the onnxruntime-ep-openvino package, ORT >= 1.23)
+#: registered with ``register_execution_provider_library`` and added per device, not named in ``providers``.
+OPENVINO_EP = "OpenVINOExecutionProvider"
+
+
+def _openvino_ep_devices() -> list:
+    """ONNX Runtime's CPU devices of the OpenVINO plugin EP, its library registered once per process."""
+    import onnxruntime as ort
+    import onnxruntime_ep_openvino as plugin
+
+    if not any(d.ep_name == OPENVINO_EP for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(plugin.get_ep_name(), plugin.get_library_path())
+    return [d for d in ort.get_ep_devices()
+            if d.ep_name == OPENVINO_EP and d.device.type == ort.OrtHardwareDeviceType.CPU]
+
+
 class OrtRunner:
     """An ONNX file (or serialized model bytes) on ONNX Runtime (CPU provider unless told otherwise).
+
+    ``providers=["OpenVINOExecutionProvider"]`` runs it through ONNX Runtime's API on OpenVINO's CPU kernels
+    (the onnxruntime-ep-openvino plugin), its float parts in float32 as the graph says (OpenVINO's CPU default
+    may compute them in bf16) with the LATENCY hint, as ``OpenVinoRunner`` compiles an FP32 model.
 
     ``exact`` turns ONNX Runtime's graph optimizations off: no Q/DQ fusion into integer kernels, so the
     session computes the Q/DQ arithmetic as the graph writes it (the reference for ``cpu.py``'s
@@ -57,6 +78,11 @@ class OrtRunner:
             self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.options.log_severity_level = 3
         self.providers = list(providers)
+        if self.providers[0] == OPENVINO_EP:  # the plugin takes OpenVINO's own settings (it ignores `precision`)
+            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            self.options.add_provider_for_devices(_openvino_ep_devices(), {"load_config": json.dumps({"CPU": config})})
         self.what = "the model" if isinstance(path, bytes) else path
         #: float16 QuantizeLinear nodes evaluated in float32 (see ort_fixes); 0 for most models.
         self.fp16_quantize_rewritten = 0
@@ -73,7 +99,8 @@ class OrtRunner:
         import onnxruntime as ort
 
         try:
-            session = ort.InferenceSession(model, self.options, providers=self.providers)
+            plugin = self.providers[0] == OPENVINO_EP  # added to the options with its devices
+            session = ort.InferenceSession(model, self.options, providers=None if plugin else self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             raise OnnxError(f"ONNX Runtime cannot load {self.what}: {first_line(exc)}") from exc
         used = session.get_providers()

@@ -26,7 +26,7 @@ from .test_cli import assert_one_line_error, run
 
 def test_option_parsing():
     assert parse_list("torch, ort", BACKENDS, "backend") == ("torch", "ort")
-    with pytest.raises(BenchError, match="unknown backend tensorflow; valid: torch, ort, ort-cuda, ort-trt, trt, openvino"):
+    with pytest.raises(BenchError, match="unknown backend tensorflow; valid: torch, ort, ort-openvino, ort-cuda, ort-trt, trt, openvino"):
         parse_list("torch,tensorflow", BACKENDS, "backend")
     assert parse_batch_sizes("1,8,32") == (1, 8, 32)
     for bad in ("0", "1,a", "", "-4"):
@@ -45,7 +45,8 @@ def matrix(tmp_path_factory):
     model = loaded(arch="resnet18", num_classes=10, input_size=(32, 32))
     folder = tmp_path_factory.mktemp("bench")
     settings = Settings(batch_sizes=(1, 4), warmup=1, iters=3, threads=2)
-    rows, env = run_matrix(model, ("torch", "ort", "openvino", "trt"), ("fp32", "int8"), settings, folder / "artifacts")
+    rows, env = run_matrix(model, ("torch", "ort", "ort-openvino", "openvino", "trt"), ("fp32", "int8"), settings,
+                           folder / "artifacts")
     return model, folder, rows, env
 
 
@@ -63,6 +64,9 @@ def test_matrix_measures_and_checks_every_row(matrix):
         assert row.status == "ok" and row.throughput > 0 and row.latency_ms["p50"] > 0 and row.cores_busy > 0
         assert row.max_abs_err < 1e-3  # logits, not near-tied random top-1 decisions
     assert _row(rows, "ort", "int8", 4).status == "ok"
+    for precision in ("fp32", "int8"):  # OpenVINO's kernels through ONNX Runtime's API, on the same files as ort
+        row = _row(rows, "ort-openvino", precision, 4)
+        assert row.status == "ok" and row.throughput > 0, row.reason
     assert torch.__version__.startswith(env["versions"]["torch"])  # 2.14.1 of 2.14.1+cu130
 
 
@@ -192,6 +196,17 @@ def test_reports(matrix, tmp_path):
     assert "| backend | precision | batch |" in md and "| torch | int8 | 1 | skipped: PyTorch eager has no INT8" in md
     for name in ("throughput.png", "latency.png"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ort_openvino_runs_the_model_on_openvinos_kernels_through_onnx_runtime(resnet18_onnx):
+    pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin EP ships for Linux x86_64 only")
+    from resnet_export.runners import OPENVINO_EP, OrtRunner
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    cpu, openvino = OrtRunner(resnet18_onnx.path), OrtRunner(resnet18_onnx.path, [OPENVINO_EP], threads=1)
+    assert openvino.session.get_providers()[0] == OPENVINO_EP  # not a silent fall-back to the CPU provider
+    np.testing.assert_allclose(openvino.infer(x), cpu.infer(x), atol=1e-3)  # FP32 kept (precision ACCURACY)
+    assert OrtRunner(resnet18_onnx.path, [OPENVINO_EP]).session.get_providers()[0] == OPENVINO_EP  # registered once
 
 
 def test_fastest_backend_is_marked_per_precision_and_batch_among_end_to_end_rows():

@@ -203,7 +203,7 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
     def rows(threads):
         report = tmp_path / f"threads-{threads}"
         result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "64", "--backends",
-                     "torch,ort,openvino", "--precisions", "fp32", "--batch-sizes", "4", "--warmup", "1",
+                     "torch,ort,ort-openvino,openvino", "--precisions", "fp32", "--batch-sizes", "4", "--warmup", "1",
                      "--min-time", "0.5", "--threads", str(threads), "--report", report)
         assert result.exit_code == 0, result.output
         return {row["backend"]: row for row in json.loads((report / "report.json").read_text())["rows"]}
@@ -214,7 +214,7 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
         two = rows(2) if len(os.sched_getaffinity(0)) >= 2 else None
     finally:
         torch.set_num_threads(before)  # bench sets torch's threads process-wide
-    assert {b: r["threads_setting"] for b, r in one.items()} == {"torch": 1, "ort": 1, "openvino": 1}
+    assert {b: r["threads_setting"] for b, r in one.items()} == {"torch": 1, "ort": 1, "ort-openvino": 1, "openvino": 1}
     assert all(0.5 < r["cores_busy"] < 1.3 for r in one.values()), {b: r["cores_busy"] for b, r in one.items()}
     if two:
         assert all(r["cores_busy"] > 1.3 for r in two.values()), {b: r["cores_busy"] for b, r in two.items()}
