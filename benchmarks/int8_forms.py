@@ -56,6 +56,16 @@ print(json.dumps(out))
 """
 
 
+def emulated_avx2_runs(qemu: str, work: Path, x: np.ndarray, paths: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each ONNX file's (fused, exact) outputs on ``x`` from ONNX Runtime run under QEMU emulating a Haswell."""
+    np.save(work / "emulated_inputs.npy", x)
+    (work / "emulated.py").write_text(EMULATED)
+    done = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(work / "emulated.py"),
+                           str(work / "emulated_inputs.npy"), *paths], capture_output=True, text=True, check=True)
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    return {path: tuple(np.asarray(a) for a in runs[path]) for path in paths}
+
+
 def images_per_second(runner, x: np.ndarray, seconds: float) -> float:
     runner.infer(x)
     count, start = 0, time.perf_counter()
@@ -63,6 +73,24 @@ def images_per_second(runner, x: np.ndarray, seconds: float) -> float:
         runner.infer(x)
         count += 1
     return count * len(x) / (time.perf_counter() - start)
+
+
+def interleaved_speeds(runners: dict, array: np.ndarray, rounds: int, seconds: float,
+                       batches: tuple[int, ...] = (1, 8)) -> dict:
+    """Median img/s of each runner at each batch size, ``{(*key, batch): img/s}``, timed in interleaved rounds
+    (each round times every runner in turn), so a slow spell of the machine falls on every runner alike."""
+    speeds: dict = {}
+    for _ in range(rounds):
+        for batch in batches:
+            x = array[:batch] if len(array) >= batch else np.repeat(array[:1], batch, 0)
+            for key, runner in runners.items():
+                speeds.setdefault((*key, batch), []).append(images_per_second(runner, x, seconds))
+    return {key: float(np.median(values)) for key, values in speeds.items()}
+
+
+def ratio_cells(row: dict, peer: dict, batches: tuple[int, ...] = (1, 8)) -> str:
+    """``row``'s img/s over ``peer``'s at each batch size, as ``1.02x / 0.95x``."""
+    return " / ".join(f"{row[f'img_s_bs{b}'] / peer[f'img_s_bs{b}']:.2f}x" for b in batches)
 
 
 def models(work: Path):
@@ -113,17 +141,11 @@ def main() -> None:
                 k: row["here"][k] for k in ("top1_agreement", "min_cosine", "accuracy_candidate", "accuracy_reference")
                 if k in row["here"]}}), flush=True)
         if qemu:
-            x = inputs.array[:64]
-            np.save(args.work / "emulated_inputs.npy", x)
-            (args.work / "emulated.py").write_text(EMULATED)
             forms = [r for r in rows if r["model"] == name]
-            done = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(args.work / "emulated.py"),
-                                   str(args.work / "emulated_inputs.npy"), *[r["path"] for r in forms]],
-                                  capture_output=True, text=True, check=True)
-            runs = json.loads(done.stdout.strip().splitlines()[-1])
+            runs = emulated_avx2_runs(qemu, args.work, inputs.array[:64], [r["path"] for r in forms])
             ref = reference[:64]
             for r in forms:
-                fused_avx2, exact_avx2 = (np.asarray(a) for a in runs[r["path"]])
+                fused_avx2, exact_avx2 = runs[r["path"]]
                 r["avx2"] = compare(ref, fused_avx2, None if labels is None else labels[:64])
                 r["avx2_kernels"] = compare(exact_avx2, fused_avx2)["min_cosine"]
                 print(name, r["form"], "emulated AVX2:", {k: r["avx2"][k] for k in ("top1_agreement", "min_cosine")},
