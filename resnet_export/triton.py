@@ -444,15 +444,14 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     try:
         (staging / str(request.version)).mkdir()
         model_file = staging / str(request.version) / served.model_filename
-        rewritten = _write_as_spec_rounds(artifact, model_file) if request.backend == "onnxruntime" \
-            and served.kind == "onnx" else 0
+        backend = _backend(served, request)
+        rewritten = _write_as_spec_rounds(artifact, model_file) if backend == "onnxruntime" else 0
         if not rewritten:
             shutil.copyfile(artifact, model_file)
         (staging / "config.pbtxt").write_text(text)
         if class_names:
             (staging / "labels.txt").write_text("\n".join(class_names) + "\n")
-        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names), rewritten,
-                                                   _backend(served, request)))
+        (staging / "README.md").write_text(_readme(name, served, max_batch, bool(class_names), rewritten, backend))
         _move_into_place(staging, model_dir, str(request.version))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
