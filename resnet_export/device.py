@@ -8,9 +8,13 @@ That is the seam the test suite uses to run the toolkit's TensorRT glue on machi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class CudaDevice:
@@ -18,6 +22,8 @@ class CudaDevice:
 
     #: What ``time`` measures with, for report labels.
     clock = "CUDA events"
+    #: Where torch puts tensors and modules for this device.
+    torch_device = "cuda"
 
     def unavailable_reason(self) -> str | None:
         """Why no CUDA GPU can be used here, or None."""
@@ -72,19 +78,46 @@ class CudaDevice:
         """Wait until ``stream`` has done all its work."""
         stream.synchronize()
 
-    def capture(self, stream, enqueue: Callable[[], bool]):
+    def reserved(self) -> int:
+        """Bytes of device memory torch's allocator holds from the driver: it grows only by a ``cudaMalloc``."""
+        import torch
+
+        return torch.cuda.memory_reserved()
+
+    def memory_pool(self):
+        """A private pool of torch's allocator: work run inside ``allocating_in(pool)`` leaves its freed blocks
+        there, and a capture given the same pool takes its memory from them instead of from the driver."""
+        import torch
+
+        return torch.cuda.MemPool()
+
+    def allocating_in(self, pool):
+        """Make torch allocate from ``pool`` (``memory_pool``) inside the ``with`` block; nothing when it is None."""
+        import torch
+
+        return contextlib.nullcontext() if pool is None else torch.cuda.use_mem_pool(pool)
+
+    def capture(self, stream, enqueue: Callable[[], bool], pool=None):
         """Capture what ``enqueue`` queues on ``stream`` into a CUDA graph; None when it fails.
 
         The capture is begun on ``stream`` itself, thread-local, as trtexec does (sampleDevice.h,
         ``TrtCudaGraph::beginCapture``: ``cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal)``),
         and not through ``torch.cuda.graph``, whose ``__enter__`` synchronizes the whole device first
         and so would wait for every other stream's work, other models' included.
+
+        The captured work must allocate nothing: a ``cudaMalloc`` issued between work on two streams keeps
+        them from running concurrently (CUDA C++ Programming Guide, "Implicit Synchronization"); measured on
+        an H200, the first capture that allocated blocked for the 3 s another stream was busy. So buffers
+        (and TensorRT's activation block) are made before the capture, and work that must allocate (a
+        PyTorch forward) runs once inside ``allocating_in(pool)`` first and is captured with that ``pool``.
+        A capture that still took memory from the driver is reported (``reserved`` grew).
         """
         import torch
 
         graph = torch.cuda.CUDAGraph()
+        before = self.reserved()
         with torch.cuda.stream(stream):
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=None if pool is None else pool.id, capture_error_mode="thread_local")
             try:
                 queued = enqueue()
             finally:
@@ -92,6 +125,10 @@ class CudaDevice:
                     graph.capture_end()
                 except RuntimeError:  # the capture was invalidated
                     queued = False
+        grown = self.reserved() - before
+        if grown > 0:
+            log.warning(f"a CUDA graph capture took {grown / 2**20:.1f} MiB from the driver: that cudaMalloc waited "
+                        "for the work of every stream on the GPU")
         return graph if queued else None
 
     def replay(self, graph) -> None:

@@ -544,6 +544,20 @@ def recorded_verification(artifact: str | Path) -> dict | None:
         return None
 
 
+def recorded_source(artifact: str | Path) -> Path | None:
+    """The ONNX a precision ONNX was made from, as its manifest records it, when that file is here and is FP32."""
+    path = manifest_path(artifact)
+    if not path.is_file():
+        return None
+    try:
+        source = Path((json.loads(path.read_text()).get("source") or {}).get("onnx") or "")
+    except (OSError, ValueError):
+        return None
+    if source.suffix != ".onnx" or not source.is_file():
+        return None
+    return source if graph_precision(source)["dtype"] == "fp32" else None
+
+
 def side_onnx_path(plan: Path, precision: str) -> Path:
     """Where ``trt`` keeps the precision ONNX of ``plan``: ``OUT.fp16.onnx`` for ``OUT.plan``, and so on.
 

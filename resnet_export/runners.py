@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -22,20 +23,51 @@ class Runner(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-class TorchRunner:
-    """PyTorch eager on the CPU, FP32."""
+class FirstCallTimer:
+    """The seconds of the first call per input shape (``torch.compile`` compiles then), apart from the rest."""
 
-    def __init__(self, module: nn.Module, name: str = "torch"):
+    def __init__(self):
+        self.seconds: dict[tuple[int, ...], float] = {}
+
+    def run(self, shape: tuple[int, ...], call, wait=lambda: None):
+        """``call()``; the first time for ``shape``, timed until ``wait()`` returns."""
+        if shape in self.seconds:
+            return call()
+        start = time.perf_counter()
+        out = call()
+        wait()
+        self.seconds[shape] = time.perf_counter() - start
+        return out
+
+
+def compile_module(module: nn.Module):
+    """``torch.compile`` with inductor, one static graph per input shape (batch sizes are few and known)."""
+    return torch.compile(module, backend="inductor", dynamic=False)
+
+
+class TorchRunner:
+    """PyTorch on the CPU, FP32: eager, or compiled by inductor (``compiled``; ``compile_seconds`` per input shape)."""
+
+    def __init__(self, module: nn.Module, name: str = "torch", compiled: bool = False):
         self.module = module.eval()
         self.name = name
+        self.compiled = compiled
+        self._forward = compile_module(self.module) if compiled else self.module
+        self.first_calls = FirstCallTimer()
 
     @property
     def threads(self) -> int:
         """torch's intra-op thread setting (process-wide)."""
         return torch.get_num_threads()
 
+    @property
+    def compile_seconds(self) -> dict[tuple[int, ...], float]:
+        """Seconds of the first call per input shape of a compiled module (compile and one run); empty otherwise."""
+        return self.first_calls.seconds if self.compiled else {}
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return run_forward(self.module, torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        return self.first_calls.run(tuple(x.shape), lambda: run_forward(self._forward, x)).float().numpy()
 
 
 #: ONNX Runtime's OpenVINO execution provider, a plugin library (the onnxruntime-ep-openvino package, ORT >= 1.23)
@@ -48,10 +80,33 @@ def _openvino_ep_devices() -> list:
     import onnxruntime as ort
     import onnxruntime_ep_openvino as plugin
 
-    if not any(d.ep_name == OPENVINO_EP for d in ort.get_ep_devices()):
+    if plugin.get_ep_name() not in _REGISTERED:
         ort.register_execution_provider_library(plugin.get_ep_name(), plugin.get_library_path())
+        _REGISTERED.add(plugin.get_ep_name())
     return [d for d in ort.get_ep_devices()
             if d.ep_name == OPENVINO_EP and d.device.type == ort.OrtHardwareDeviceType.CPU]
+
+
+_REGISTERED: set[str] = set()
+
+
+def openvino_ep_unavailable() -> str | None:
+    """Why ONNX Runtime's OpenVINO plugin EP cannot run on this CPU, or None.
+
+    The plugin offers Intel devices only: its factory skips every device whose vendor is not Intel
+    (onnxruntime/core/providers/openvino/ov_factory.cc, ``GetSupportedDevices``: "Not an Intel Device"),
+    so on an AMD CPU it registers and offers nothing.
+    """
+    try:
+        import onnxruntime_ep_openvino  # noqa: F401
+    except ImportError:
+        return "ONNX Runtime's OpenVINO plugin EP is not installed (pip install 'resnet-export[openvino]')"
+    if not _openvino_ep_devices():
+        from .cpu import cpu_info
+
+        return (f"ONNX Runtime's OpenVINO plugin EP offers no device for this CPU ({cpu_info()['model'] or 'unknown'}): "
+                "it runs on Intel CPUs only")
+    return None
 
 
 class OrtRunner:
@@ -61,14 +116,15 @@ class OrtRunner:
     (the onnxruntime-ep-openvino plugin), its float parts in float32 as the graph says (OpenVINO's CPU default
     may compute them in bf16) with the LATENCY hint, as ``OpenVinoRunner`` compiles an FP32 model.
 
-    ``exact`` turns ONNX Runtime's graph optimizations off: no Q/DQ fusion into integer kernels, so the
+    ``provider_options`` go to the first provider (``{"use_tf32": "0"}`` for CUDA). ``exact`` turns ONNX
+    Runtime's graph optimizations off: no Q/DQ fusion into integer kernels, so the
     session computes the Q/DQ arithmetic as the graph writes it (the reference for ``cpu.py``'s
     saturation check). Outside TensorRT's provider, float16 QuantizeLinear nodes are evaluated in float32
     so they round as the spec says (see ort_fixes).
     """
 
     def __init__(self, path: str | Path | bytes, providers=("CPUExecutionProvider",), threads: int | None = None,
-                 exact: bool = False):
+                 exact: bool = False, provider_options: dict | None = None):
         import onnxruntime as ort
 
         self.options = ort.SessionOptions()
@@ -78,7 +134,11 @@ class OrtRunner:
             self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.options.log_severity_level = 3
         self.providers = list(providers)
+        self.provider_options = provider_options or {}
         if self.providers[0] == OPENVINO_EP:  # the plugin takes OpenVINO's own settings (it ignores `precision`)
+            reason = openvino_ep_unavailable()
+            if reason:
+                raise OnnxError(reason)
             config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
             if threads:
                 config["INFERENCE_NUM_THREADS"] = threads
@@ -100,7 +160,8 @@ class OrtRunner:
 
         try:
             plugin = self.providers[0] == OPENVINO_EP  # added to the options with its devices
-            session = ort.InferenceSession(model, self.options, providers=None if plugin else self.providers)
+            providers = [(name, self.provider_options if i == 0 else {}) for i, name in enumerate(self.providers)]
+            session = ort.InferenceSession(model, self.options, providers=None if plugin else providers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             raise OnnxError(f"ONNX Runtime cannot load {self.what}: {first_line(exc)}") from exc
         used = session.get_providers()

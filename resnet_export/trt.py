@@ -487,6 +487,7 @@ class TrtRunner:
 
         plan = Path(plan)
         manifest = manifest or load_manifest(plan)
+        self.plan, self.manifest = plan, manifest
         self.device = device.current()
         self.runtime = trt.Runtime(logger())
         if manifest is None:
@@ -618,6 +619,20 @@ class TrtRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.infer_device(self.device.upload(batch)).float().cpu().numpy()
+
+    def clone(self) -> TrtRunner:
+        """Another runner of the same plan, with its own engine, contexts, activation block and stream."""
+        return TrtRunner(self.plan, cuda_graph=self.cuda_graph, manifest=self.manifest)
+
+    @property
+    def input_chw(self) -> tuple[int, ...]:
+        """The input's shape without the batch axis (C, H, W)."""
+        return tuple(self.engine.get_tensor_shape(self.input_name))[1:]
+
+    @property
+    def profile_opt_batch(self) -> int:
+        """The batch the engine's optimization profile was tuned for."""
+        return self.engine.get_tensor_profile_shape(self.input_name, 0)[1][0]
 
     @property
     def profile_min_batch(self) -> int:

@@ -46,6 +46,7 @@ class HostDevice:
     """``resnet_export.device.CudaDevice``'s interface on host memory, for the TensorRT double."""
 
     clock = "host wall clock (TensorRT double, not a GPU figure)"
+    torch_device = "cpu"
 
     def __init__(self, name: str = HOST_GPU, compute_capability: str = "8.9"):
         self.name, self.compute_capability = name, compute_capability
@@ -77,13 +78,24 @@ class HostDevice:
     def synchronize(self, stream) -> None:
         pass
 
-    def capture(self, stream: HostStream, enqueue: Callable[[], bool]):
+    def reserved(self) -> int:
+        return 0  # host memory has no driver reservation to grow
+
+    def memory_pool(self):
+        return None
+
+    def allocating_in(self, pool):
+        return contextlib.nullcontext()
+
+    def capture(self, stream: HostStream, enqueue: Callable[[], bool], pool=None):
+        """The runs the double queued on ``stream`` while ``enqueue`` ran; for work that queues nothing on a host
+        stream (PyTorch on the host), the call itself, which a replay makes again on the same buffers."""
         stream.capturing = []
         try:
             queued = enqueue()
         finally:
             graph, stream.capturing = stream.capturing, None
-        return graph if queued else None
+        return (graph or [enqueue]) if queued else None
 
     def replay(self, graph: list[Callable[[], None]]) -> None:
         for run in graph:
