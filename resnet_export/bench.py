@@ -4,6 +4,11 @@ Every row carries the speed (p50/p90/p99/mean latency, images/s) next to the agr
 outputs with PyTorch FP32 on the same batch, so a fast wrong artifact is visible. A backend that is
 unavailable is a skipped row with the reason; one that fails mid-run is an error row, and the rest of
 the matrix still runs.
+
+Every row says the device it ran on and its clock. Its speed-up divides by PyTorch FP32 on the same
+device (a GPU row by PyTorch on that GPU, a CPU row by PyTorch on the CPU), never by a row of another
+device; ``speedup_vs_best_torch`` divides by the fastest PyTorch row of its device (eager or compiled,
+any precision). Reports are written by ``bench_report``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +38,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: rows name their thread setting (threads_setting) and measure cores_busy; 3: fastest
-BACKENDS = ("torch", "ort", "ort-openvino", "ort-cuda", "ort-trt", "trt", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
+#: 2: rows name their thread setting (threads_setting) and measure cores_busy; 3: fastest; 4: each row's device,
+#: clock and baseline (speed-ups within a device), vs the best PyTorch row, compile time, streams, TF32.
+SCHEMA_VERSION = 4
+BACKENDS = ("torch", "torch-compile", "ort", "ort-openvino", "ort-cuda", "ort-trt", "trt", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: Backends that run on the CPU whatever the machine has: they need PyTorch on the CPU as their baseline.
+CPU_BACKENDS = ("ort", "ort-openvino", "openvino")
+TORCH_BACKENDS = ("torch", "torch-compile")
+#: The clock of rows timed around a whole call, host memory to host memory.
+WALL_CLOCK = "wall clock"
 
 
 class BenchError(ResnetExportError):
@@ -44,7 +57,12 @@ class BenchError(ResnetExportError):
 @dataclass
 class Settings:
     """How to time: warm-up runs, then ``iters`` runs or as many as fit in ``min_time`` seconds, spread over
-    ``rounds`` interleaved rounds (each round times every row in turn for its share)."""
+    ``rounds`` interleaved rounds (each round times every row in turn for its share).
+
+    ``tf32``: FP32 rows on the GPU may use TF32 (off by default: FP32 computes in FP32). ``cuda_graph``:
+    TensorRT rows are also timed replaying a CUDA graph. ``streams``: rows on the GPU are also timed with this
+    many runners, each on its own stream and thread, as a server runs them.
+    """
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     warmup: int = 5
@@ -52,6 +70,9 @@ class Settings:
     min_time: float = 2.0
     threads: int | None = None
     rounds: int = 5
+    tf32: bool = False
+    cuda_graph: bool = False
+    streams: int = 1
 
 
 @dataclass
@@ -67,6 +88,7 @@ class Row:
     iterations: int = 0
     latency_ms: dict = field(default_factory=dict)  # p50, p90, p99, mean
     throughput: float | None = None  # images/s
+    #: img/s over PyTorch FP32's on the same device and batch, in this run (``baseline`` names that row)
     speedup_vs_torch: float | None = None
     top1_agreement: float | None = None
     max_abs_err: float | None = None
@@ -74,8 +96,18 @@ class Row:
     threads_setting: int | str | None = None
     #: measured: the process's CPU seconds over wall seconds across the warm-up and timed runs (all threads)
     cores_busy: float | None = None
-    #: the highest img/s of the rows of its precision and batch size timed end to end (wall clock), in this run
+    #: the highest img/s of the rows of its precision, batch size and clock, in this run
     fastest: bool = False
+    device: str = "cpu"  # "cpu" or the GPU's name
+    clock: str = WALL_CLOCK  # what measured it: the wall clock, CUDA events, ...
+    baseline: str | None = None  # the row speedup_vs_torch divides by
+    #: img/s over the fastest PyTorch row (eager or compiled, any precision) of the same device and batch
+    speedup_vs_best_torch: float | None = None
+    best_torch: str | None = None
+    compile_seconds: float | None = None  # torch.compile: the first call of this batch shape, not timed
+    streams: int = 1  # runners timed at once, each on its own stream and thread
+    tf32: bool | None = None  # FP32 rows on the GPU: whether TF32 was allowed
+    note: str | None = None  # what a reader must know of an ok row
 
 
 def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -134,6 +166,39 @@ def _wall_clock(call: Callable, now: Callable[[], float] = time.perf_counter) ->
     return now() - start
 
 
+def time_concurrently(calls: list[Callable[[], object]], settings: Settings, minimum: int = 3) -> tuple[list[float], float]:
+    """Run each call in a thread of its own at the same time, each as ``time_calls`` would (wall clock per call);
+    returns every call's latency and the wall seconds from the common start to the last thread's end."""
+    barrier = threading.Barrier(len(calls) + 1)
+    results: list[list[float]] = [[] for _ in calls]
+    errors: list[BaseException] = []
+
+    def worker(index: int, call: Callable[[], object]) -> None:
+        try:
+            for _ in range(settings.warmup):
+                call()
+            barrier.wait()
+            results[index] = time_calls(call, Settings(warmup=0, iters=settings.iters, min_time=settings.min_time),
+                                        minimum=minimum)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i, call), daemon=True) for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [t for timings in results for t in timings], time.perf_counter() - start
+
+
 def _tensorrt_version() -> str | None:
     """The version of the ``tensorrt`` module Python imports (what the trt rows ran), if any."""
     try:
@@ -143,8 +208,8 @@ def _tensorrt_version() -> str | None:
     return tensorrt.__version__
 
 
-def environment(threads: int | None) -> dict:
-    """CPU (model, cores, INT8-relevant flags), GPU, requested threads and library versions of this run."""
+def environment(settings: Settings) -> dict:
+    """CPU (model, cores, INT8-relevant flags), GPU, requested threads and TF32, and library versions of this run."""
     from .cpu import cpu_info
 
     info = cpu_info()
@@ -155,13 +220,20 @@ def environment(threads: int | None) -> dict:
         "arch": info["arch"],
         "cores": info["cores"],
         "cpu_flags": info["flags"],
-        "threads_requested": threads,
+        "threads_requested": settings.threads,
         "gpu": gpu.identity()[0] if gpu.unavailable_reason() is None else None,
+        "tf32_allowed": settings.tf32,
         "versions": {**versions, "tensorrt": _tensorrt_version() or versions.get("tensorrt")},
     }
 
 
 # --------------------------------------------------------------------------- backends
+
+
+def gpu_name() -> str | None:
+    """The name of the GPU the device rows run on, or None where there is none."""
+    gpu = device.current()
+    return gpu.identity()[0] if gpu.unavailable_reason() is None else None
 
 
 def backend_unavailable(backend: str) -> str | None:
@@ -173,7 +245,7 @@ def backend_unavailable(backend: str) -> str | None:
     if backend in ("ort-cuda", "ort-trt") and not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
     if backend == "ort-cuda" and "CUDAExecutionProvider" not in providers:
-        return "ONNX Runtime has no CUDAExecutionProvider here"
+        return "ONNX Runtime has no CUDAExecutionProvider here (it comes with the onnxruntime-gpu package)"
     if backend == "ort-trt" and "TensorrtExecutionProvider" not in providers:
         return "ONNX Runtime has no TensorrtExecutionProvider here"
     if backend == "trt":
@@ -186,21 +258,25 @@ def backend_unavailable(backend: str) -> str | None:
         except ImportError:
             return "OpenVINO is not installed (pip install 'resnet-export[openvino]')"
     if backend == "ort-openvino":
-        try:
-            import onnxruntime_ep_openvino  # noqa: F401
-        except ImportError:
-            return "ONNX Runtime's OpenVINO plugin EP is not installed (pip install 'resnet-export[openvino]')"
+        from .runners import openvino_ep_unavailable
+
+        return openvino_ep_unavailable()
     return None
 
 
 def precision_unsupported(backend: str, precision: str) -> str | None:
     """Why a backend does not run a precision at all (a stated gap, never a silent one)."""
-    import torch
-
-    if backend == "torch" and precision == "int8":
-        return "PyTorch eager has no INT8 inference path in this toolkit (use ort or trt)"
-    if backend == "torch" and precision == "fp16" and not torch.cuda.is_available():
-        return "PyTorch eager FP16 runs on the GPU only"
+    on_gpu = gpu_name() is not None
+    if backend in TORCH_BACKENDS and precision == "int8":
+        return "PyTorch has no INT8 inference path in this toolkit (use ort or trt)"
+    if backend == "torch" and precision in ("fp16", "bf16") and not on_gpu:
+        return "PyTorch FP16 and BF16 rows run on the GPU only"
+    if backend == "torch-compile" and on_gpu and precision == "fp32":
+        return "on the GPU torch-compile rows are FP16 and BF16 (channels_last); PyTorch FP32 is the eager baseline"
+    if backend == "torch-compile" and not on_gpu and precision != "fp32":
+        return "on the CPU torch-compile rows are FP32 (FP16 and BF16 on the GPU)"
+    if backend not in TORCH_BACKENDS and precision == "bf16":
+        return "the toolkit makes no BF16 ONNX or plan: BF16 rows are PyTorch's"
     return None
 
 
@@ -304,76 +380,105 @@ def _passed(artifact: Path) -> bool:
     return artifact.is_file() and bool((recorded_verification(artifact) or {}).get("passed"))
 
 
-#: (timing label, runner, device clock or None, the one batch it runs or None for every batch).
-Timed = tuple[str, object, Callable | None, int | None]
+@dataclass
+class Timed:
+    """A runner one row times, and how.
+
+    With ``device_clock`` (``device.time`` on the runner's stream) the runner's ``enqueue`` is timed on an
+    input already on the GPU: it queues the work and returns, and the clock's end event, recorded on the same
+    stream, marks when the GPU is done. Without, the wall clock times ``infer`` from host memory to host memory.
+    """
+
+    label: str
+    runner: object
+    device_clock: Callable | None = None
+    batch: int | None = None  # the one batch it runs (a TensorRT plan per batch), or None for every batch
+    device: str = "cpu"
+    tf32: bool | None = None
+    cuda_graph: bool = False  # the label says it replays a CUDA graph: the runner must still do so after its check
 
 
-def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings) -> list[Timed]:
-    """The runners that time a backend x precision, each with its label and clock.
+def _on_device(runner, what: str) -> Timed:
+    """A row timed with the device's clock on ``runner.stream``, on an input already on the device."""
+    gpu = device.current()
+    return Timed(f"{gpu.clock} on the runner's stream, inputs on device, {what}", runner,
+                 functools.partial(gpu.time, stream=runner.stream), None, gpu.identity()[0],
+                 cuda_graph=getattr(runner, "cuda_graph", False))
 
-    With a device clock the runner's ``enqueue`` is timed on a batch already on the GPU: it queues the
-    work and returns, and the clock's end event, recorded on the same stream, marks when the GPU is
-    done; no host synchronization falls between the two events, for torch and TensorRT alike. The
-    TensorRT backend has one plan per batch, its profile tuned for that batch and named in the label,
-    and adds a second row per batch timed with host-device copies.
+
+def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: Settings,
+                 cpu_baseline: bool = True) -> list[Timed]:
+    """The runners that time a backend x precision, each with its label, clock and device.
+
+    PyTorch FP32 runs on the GPU where one is visible, and on the CPU too when ``cpu_baseline`` (CPU rows need
+    it as their baseline). ONNX Runtime's CUDA provider gets a row with host-device copies and one with its
+    input and output on the device. TensorRT has one plan per batch, its profile tuned for that batch and
+    named in the label, timed on the device, with copies, and replaying a CUDA graph (``settings.cuda_graph``).
     """
     from .runners import OPENVINO_EP, OpenVinoRunner, OrtRunner, TorchRunner
 
-    threads = settings.threads
-    if backend == "torch":
-        if precision == "fp32":
-            return [("wall clock, CPU", TorchRunner(artifacts.loaded.module), None, None)]
-        cuda = device.current()
-        return [(f"{cuda.clock}, inputs on device", _TorchCudaRunner(artifacts.loaded.module), cuda.time, None)]
+    threads, gpu = settings.threads, gpu_name()
+    fp32_tf32 = settings.tf32 if precision == "fp32" else None
+    if backend in TORCH_BACKENDS:
+        from .device_runners import TorchDeviceRunner
+
+        compiled = backend == "torch-compile"
+        timed = []
+        if gpu:
+            runner = TorchDeviceRunner(artifacts.loaded.module, precision, compiled=compiled, allow_tf32=settings.tf32)
+            timed.append(_on_device(runner, runner.settings()))
+            timed[-1].tf32 = fp32_tf32
+        if precision == "fp32" and (not gpu or (cpu_baseline and not compiled)):
+            label = "wall clock, CPU" + (", torch.compile (inductor)" if compiled else "")
+            timed.append(Timed(label, TorchRunner(artifacts.loaded.module, compiled=compiled)))
+        return timed
     if backend in ("ort", "ort-openvino"):
         target = "cpu" if precision == "int8" else "trt"
         provider = "CPUExecutionProvider" if backend == "ort" else OPENVINO_EP
-        return [("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), [provider], threads), None, None)]
+        return [Timed("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), [provider], threads))]
     if backend == "ort-cuda":
-        return [("wall clock, with host-device copies",
-                 OrtRunner(artifacts.onnx(precision, "trt"), ["CUDAExecutionProvider"], threads), None, None)]
-    if backend == "ort-trt":
-        return [("wall clock, with host-device copies",
-                 OrtRunner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"], threads), None, None)]
-    if backend == "trt":
-        from .trt import TrtRunner
+        from .device_runners import OrtDeviceRunner
 
+        path = artifacts.onnx(precision, "trt")
+        copies = OrtRunner(path, ["CUDAExecutionProvider"], threads,
+                           provider_options={"use_tf32": str(int(settings.tf32))})
+        bound = OrtDeviceRunner(path, allow_tf32=settings.tf32)
+        on_device = _on_device(bound, bound.settings())
+        on_device.tf32 = fp32_tf32
+        tf32 = f", TF32 {'on' if settings.tf32 else 'off'}"
+        return [Timed(f"wall clock, with host-device copies{tf32}", copies, None, None, gpu, fp32_tf32), on_device]
+    if backend == "ort-trt":
+        return [Timed("wall clock, with host-device copies",
+                      OrtRunner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+                                threads), None, None, gpu)]
+    if backend == "trt":
         timed: list[Timed] = []
         for batch in settings.batch_sizes:
             plan, profile = artifacts.engine(precision, batch)
-            runner = TrtRunner(plan)
-            shape = f"profile {profile.min}/{profile.opt}/{profile.max}"
-            on_engine_stream = functools.partial(runner.device.time, stream=runner.stream)
-            timed += [(f"{runner.device.clock} on the engine's stream, inputs on device, {shape}", runner,
-                       on_engine_stream, batch),
-                      (f"wall clock, with host-device copies, {shape}", runner, None, batch)]
+            timed += plan_runners(plan, f"profile {profile.min}/{profile.opt}/{profile.max}", batch, settings)
         return timed
     if backend == "openvino":
         target = "cpu" if precision == "int8" else "trt"
-        return [("wall clock, CPU", OpenVinoRunner(artifacts.onnx(precision, target), precision, threads), None, None)]
+        return [Timed("wall clock, CPU", OpenVinoRunner(artifacts.onnx(precision, target), precision, threads))]
     raise BenchError(f"unknown backend {backend}")
 
 
-class _TorchCudaRunner:
-    """PyTorch eager FP16 on the GPU, inputs already on the device."""
+def plan_runners(plan: Path, shape: str, batch: int | None, settings: Settings, manifest: dict | None = None) -> list[Timed]:
+    """A plan's rows as trtexec times an engine: on the engine's stream with the input on the device (and,
+    with ``settings.cuda_graph``, replaying a CUDA graph, trtexec's ``--useCudaGraph``), and with copies."""
+    from .trt import TrtRunner
 
-    def __init__(self, module):
-        import copy
-
-        self.module = copy.deepcopy(module).half().cuda().eval()
-        self.name = "torch-cuda-fp16"
-
-    def enqueue(self, batch):
-        """Queue the forward pass on torch's current stream; returns without waiting for the GPU."""
-        import torch
-
-        with torch.no_grad():
-            return self.module(batch.half())
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        return self.enqueue(torch.from_numpy(batch).cuda()).float().cpu().numpy()
+    gpu = device.current()
+    name = gpu.identity()[0]
+    graphs = [False, True] if settings.cuda_graph else [False]
+    timed = []
+    for cuda_graph in graphs:
+        runner = TrtRunner(plan, cuda_graph=cuda_graph, manifest=manifest)
+        what = "CUDA graph, " if cuda_graph else ""
+        timed.append(Timed(f"{gpu.clock} on the engine's stream, inputs on device, {what}{shape}", runner,
+                           functools.partial(gpu.time, stream=runner.stream), batch, name, cuda_graph=cuda_graph))
+    timed.append(Timed(f"wall clock, with host-device copies, {shape}", timed[0].runner, None, batch, name))
+    return timed
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -392,7 +497,7 @@ def run_matrix(
 
     Every row's outputs are checked first; then the rows are timed in ``settings.rounds`` interleaved
     rounds, so that a slow spell of the machine falls on every row alike and the ratios between rows
-    (speed-up over PyTorch eager) hold.
+    (speed-up over PyTorch FP32 on the same device) hold.
     """
     import torch
     from .runners import TorchRunner
@@ -408,6 +513,7 @@ def run_matrix(
     artifacts = Artifacts(loaded, work, calibration, seed)
     reference = TorchRunner(loaded.module)
     expected = {b: reference.infer(x) for b, x in batches.items()}
+    cpu_baseline = gpu_name() is None or any(b in CPU_BACKENDS for b in backends)
     rows: list[Row] = []
     slots: list[Slot] = []
     combos = [(b, p) for b in backends for p in precisions]
@@ -419,27 +525,48 @@ def run_matrix(
                 advance()
                 continue
             try:
-                runners = make_runners(backend, precision, artifacts, settings)
+                runners = make_runners(backend, precision, artifacts, settings, cpu_baseline)
             except Exception as exc:  # an artifact or session failed: an error row, the matrix goes on
                 rows += [Row(backend, precision, b, "error", first_line(exc)) for b in settings.batch_sizes]
                 advance()
                 continue
             for batch in settings.batch_sizes:
-                for label, runner, clock, only in runners:
-                    if only in (None, batch):
-                        slots.append(check(Row(backend, precision, batch, timing=label), runner, clock, batches[batch],
-                                           expected[batch]))
-                        rows.append(slots[-1].row)
+                new = check_runners(backend, precision, batch, runners, batches[batch], expected[batch], settings)
+                slots += new
+                rows += [slot.row for slot in new]
             advance()
     time_rows(slots, settings)
-    _add_speedups(rows)
+    add_speedups(rows)
     mark_fastest(rows)
-    return rows, environment(settings.threads)
+    return rows, environment(settings)
+
+
+def check_runners(backend: str, precision: str, batch: int, runners: list[Timed], x: np.ndarray,
+                  expected: np.ndarray | None, settings: Settings, note: str | None = None) -> list[Slot]:
+    """The checked slots of one backend x precision at ``batch``: a row per runner that runs it and, for rows on
+    the device with ``settings.streams`` > 1, a row of that many runners timed at once."""
+    slots = []
+    for timed in runners:
+        if timed.batch not in (None, batch):
+            continue
+        row = Row(backend, precision, batch, timing=timed.label, device=timed.device, tf32=timed.tf32, note=note,
+                  clock=device.current().clock if timed.device_clock else WALL_CLOCK)
+        slots.append(check(row, timed.runner, timed.device_clock, x, expected))
+        if timed.cuda_graph and not timed.runner.cuda_graph and slots[-1].call is not None:
+            slots[-1].call = None  # its capture failed and it runs plain enqueues: not what the label says
+            _failed(row, RuntimeError("its CUDA graph capture failed (see the warning above): not timed"))
+        if settings.streams > 1 and timed.device_clock and slots[-1].call is not None:
+            slots.append(check_streams(row, timed.runner, settings.streams, x, expected))
+    return slots
 
 
 @dataclass
 class Slot:
-    """A row being measured: the call its rounds time (None once it failed), and what they timed."""
+    """A row being measured: the call its rounds time (None once it failed), and what they timed.
+
+    ``calls`` (several streams) are timed at once, each in a thread of its own; ``concurrent_seconds`` is the
+    wall time they ran, which the row's throughput divides its images by.
+    """
 
     row: Row
     call: Callable[[], object] | None
@@ -447,20 +574,47 @@ class Slot:
     timings: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
+    calls: list[Callable[[], object]] | None = None
+    concurrent_seconds: float = 0.0
 
 
-def check(row: Row, runner, clock, x: np.ndarray, expected: np.ndarray) -> Slot:
+def check(row: Row, runner, clock, x: np.ndarray, expected: np.ndarray | None) -> Slot:
     """``row`` with its agreement with ``expected`` on ``x``, and the call that times it; a failure makes it
-    an error row. With a device clock the call is the runner's ``enqueue`` on ``x`` uploaded once."""
+    an error row. With a device clock the call is the runner's ``enqueue`` on ``x`` uploaded once. Without
+    ``expected`` the outputs are not checked (the row's ``note`` says why)."""
     row.threads_setting = getattr(runner, "threads", None)
     try:
-        metrics = compare(expected, runner.infer(x))
-        row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
+        outputs = runner.infer(x)
+        if expected is not None:
+            metrics = compare(expected, outputs)
+            row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
+        row.compile_seconds = getattr(runner, "compile_seconds", {}).get(tuple(x.shape))
         if clock is not None:  # device-resident input; the runner's enqueue is what is timed, between events
             device_x = device.current().upload(x)
             return Slot(row, lambda: runner.enqueue(device_x), clock)
         return Slot(row, lambda: runner.infer(x))
     except Exception as exc:  # a backend that crashes is recorded, the rest still runs
+        _failed(row, exc)
+        return Slot(row, None)
+
+
+def check_streams(single: Row, runner, streams: int, x: np.ndarray, expected: np.ndarray | None) -> Slot:
+    """The row of ``streams`` runners (``runner`` and clones, each on its own stream) timed at once, as a server
+    runs them: one thread per runner, per-request wall-clock latency, aggregate images/s. Every runner's
+    outputs are checked; the row keeps the worst agreement."""
+    row = Row(single.backend, single.precision, single.batch, device=single.device, tf32=single.tf32,
+              streams=streams, clock=f"{WALL_CLOCK}, {streams} streams", note=single.note,
+              timing=f"wall clock per request, {streams} streams (a runner and thread each), "
+                     + single.timing.split("inputs on device, ", 1)[-1])
+    try:
+        runners = [runner] + [runner.clone() for _ in range(streams - 1)]
+        device_x = device.current().upload(x)
+        if expected is not None:
+            metrics = [compare(expected, r.infer(x)) for r in runners]
+            row.top1_agreement = min(m["top1_agreement"] for m in metrics)
+            row.max_abs_err = max(m["max_abs_err"] for m in metrics)
+        return Slot(row, runners[0].infer_device, calls=[functools.partial(r.infer_device, device_x) for r in runners])
+    except Exception as exc:  # a backend that cannot run several at once is recorded, the rest still runs
         _failed(row, exc)
         return Slot(row, None)
 
@@ -483,13 +637,20 @@ def time_rows(slots: list[Slot], settings: Settings) -> None:
         if slot.call is not None:
             slot.row.iterations = len(slot.timings)
             slot.row.latency_ms, slot.row.throughput = latency_stats(slot.timings, slot.row.batch)
+            if slot.calls:  # several streams: the images they all finished over the time they ran together
+                slot.row.throughput = len(slot.timings) * slot.row.batch / slot.concurrent_seconds
             slot.row.cores_busy = round(slot.cpu_seconds / slot.wall_seconds, 2)
 
 
 def _time_round(slot: Slot, share: Settings, minimum: int) -> None:
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     try:
-        slot.timings += time_calls(slot.call, share, slot.clock, minimum=minimum)
+        if slot.calls:
+            timings, seconds = time_concurrently(slot.calls, share, minimum)
+            slot.timings += timings
+            slot.concurrent_seconds += seconds
+        else:
+            slot.timings += time_calls(slot.call, share, slot.clock, minimum=minimum)
     except Exception as exc:  # a backend that crashes mid-run is recorded, the rest still runs
         slot.call = None
         _failed(slot.row, exc)
@@ -502,39 +663,106 @@ def _failed(row: Row, exc: Exception) -> None:
     log.warning(f"{row.backend} {row.precision} batch {row.batch} failed: {row.reason}")
 
 
-def _add_speedups(rows: list[Row]) -> None:
-    baseline = {r.batch: r.throughput for r in rows if r.backend == "torch" and r.precision == "fp32" and r.throughput}
+def row_name(row: Row) -> str:
+    """A row as the report names it: ``torch fp32 b8 on NVIDIA H200 (CUDA events)``."""
+    streams = f", {row.streams} streams" if row.streams > 1 else ""
+    return f"{row.backend} {row.precision} b{row.batch} on {row.device} ({row.clock.split(',')[0]}{streams})"
+
+
+def add_speedups(rows: list[Row]) -> None:
+    """Divide each row's img/s by PyTorch FP32's on the same device and batch (``speedup_vs_torch``, ``baseline``),
+    and each non-PyTorch row's by the fastest PyTorch row of its device and batch (``speedup_vs_best_torch``).
+    A row whose device has no such PyTorch row in this run gets none: never a row of another device."""
+    timed = [r for r in rows if r.status == "ok" and r.throughput and r.streams == 1]
+    baselines = {(r.device, r.batch): r for r in timed if r.backend == "torch" and r.precision == "fp32"}
+    best: dict[tuple[str, int], Row] = {}
+    for row in (r for r in timed if r.backend in TORCH_BACKENDS):
+        key = (row.device, row.batch)
+        if key not in best or row.throughput > best[key].throughput:
+            best[key] = row
     for row in rows:
-        if row.throughput and baseline.get(row.batch):
-            row.speedup_vs_torch = row.throughput / baseline[row.batch]
+        if not row.throughput:
+            continue
+        if (base := baselines.get((row.device, row.batch))) is not None:
+            row.speedup_vs_torch, row.baseline = row.throughput / base.throughput, row_name(base)
+        if row.backend not in TORCH_BACKENDS and (top := best.get((row.device, row.batch))) is not None:
+            row.speedup_vs_best_torch, row.best_torch = row.throughput / top.throughput, row_name(top)
 
 
-def _end_to_end(row: Row) -> bool:
-    """Whether a row's clock covers a whole call from host memory to host memory (not device-only events)."""
-    return row.status == "ok" and bool(row.throughput) and (row.timing or "").startswith("wall clock")
+def fastest_groups(rows: list[Row]) -> dict[tuple[str, int, str], list[Row]]:
+    """The timed rows grouped by precision, batch and clock: only rows measured by the same clock compare."""
+    groups: dict[tuple[str, int, str], list[Row]] = {}
+    for row in rows:
+        if row.status == "ok" and row.throughput:
+            groups.setdefault((row.precision, row.batch, row.clock), []).append(row)
+    return groups
 
 
 def mark_fastest(rows: list[Row]) -> None:
-    """Mark, per precision and batch size, the row timed end to end with the highest img/s in this run."""
-    groups: dict[tuple[str, int], list[Row]] = {}
+    """Mark, per precision, batch size and clock, the row with the highest img/s in this run."""
     for row in rows:
         row.fastest = False
-        if _end_to_end(row):
-            groups.setdefault((row.precision, row.batch), []).append(row)
-    for group in groups.values():
+    for group in fastest_groups(rows).values():
         max(group, key=lambda r: r.throughput or 0.0).fastest = True
 
 
-def fastest_summary(rows: list[Row]) -> list[str]:
-    """One line per precision and batch: the fastest backend and its margin over the next one, from the same run."""
-    lines = []
-    for best in (r for r in rows if r.fastest):
-        others = sorted((r for r in rows if _end_to_end(r) and r is not best and r.precision == best.precision
-                         and r.batch == best.batch), key=lambda r: -(r.throughput or 0.0))
-        margin = (f"{best.throughput / others[0].throughput:.2f}x {others[0].backend}" if others
-                  else "the only row")
-        lines.append(f"- {best.precision} batch {best.batch}: **{best.backend}** ({best.throughput:.1f} img/s; {margin})")
-    return lines
+# --------------------------------------------------------------------------- a plan you bring
+
+
+def plan_reference(plan: Path, manifest: dict | None):
+    """What a plan's outputs are checked against, from its manifest: the FP32 ONNX its ONNX was made from, else
+    that ONNX itself, on ONNX Runtime; returns the runner (None when nothing can be) and what it is in words."""
+    from .pipeline import recorded_source
+    from .runners import OrtRunner
+
+    if manifest is None:
+        return None, "outputs not checked: the plan has no manifest, so nothing says which model it is"
+    onnx = Path(manifest.get("onnx", ""))
+    if not onnx.is_file():
+        return None, f"outputs not checked: its ONNX {onnx} (named by its manifest) is not here"
+    fp32 = recorded_source(onnx)
+    if fp32 is not None:
+        return OrtRunner(fp32), f"checked against {fp32.name} on ONNX Runtime, the FP32 ONNX {onnx.name} was made from"
+    return OrtRunner(onnx), f"checked against {onnx.name} on ONNX Runtime, the ONNX it was built from"
+
+
+def run_plan(plan: Path, settings: Settings, seed: int = 0) -> tuple[list[Row], dict]:
+    """Time a plan you bring (trtexec's ``--loadEngine``) at each of ``settings.batch_sizes`` inside its profile.
+
+    Its precision and reference come from its manifest (``plan_reference``); batches outside its profile are
+    skipped rows. No PyTorch row runs, so the rows carry no speed-up.
+    """
+    from .trt import TrtRunner, load_manifest, require_tensorrt
+
+    require_tensorrt(f"run {plan}")
+    manifest = load_manifest(plan)
+    precision = ((manifest or {}).get("precision") or {}).get("dtype", "unknown")
+    probe = TrtRunner(plan, manifest=manifest)
+    low, high = probe.profile_min_batch, probe.profile_max_batch
+    reference, said = plan_reference(plan, manifest)
+    log.info(f"{plan.name}: {said}")
+    rng = np.random.default_rng(seed)
+    rows: list[Row] = []
+    slots: list[Slot] = []
+    with task(log, f"Checking {plan.name}", len(settings.batch_sizes)) as advance:
+        for batch in settings.batch_sizes:
+            if not low <= batch <= high:
+                rows.append(Row("trt", precision, batch, "skipped", f"outside the plan's profile (batch {low} to {high})"))
+                advance()
+                continue
+            x = rng.standard_normal((batch, *probe.input_chw), dtype=np.float32)
+            runners = plan_runners(plan, f"profile {low}/{probe.profile_opt_batch}/{high}", batch, settings, manifest)
+            new = check_runners("trt", precision, batch, runners, x, reference.infer(x) if reference else None,
+                                settings, note=f"{plan.name}: {said}")
+            slots += new
+            rows += [slot.row for slot in new]
+            advance()
+    time_rows(slots, settings)
+    mark_fastest(rows)
+    return rows, environment(settings)
+
+
+# --------------------------------------------------------------------------- the command
 
 
 def prepare_report(folder: Path) -> None:
@@ -548,147 +776,45 @@ def prepare_report(folder: Path) -> None:
     check_writable_dir(folder / "report.json")
 
 
-def run_benchmark(loaded: LoadedModel, report: Path, backends: tuple[str, ...], precisions: tuple[str, ...],
+def run_benchmark(loaded: LoadedModel | None, report: Path, backends: tuple[str, ...], precisions: tuple[str, ...],
                   settings: Settings, calib: Path | None = None, calib_size: int = 64, seed: int = 0,
-                  baseline: Path | None = None, max_regression: float = DEFAULT_MAX_REGRESSION) -> tuple[dict[str, Path], object]:
+                  baseline: Path | None = None, max_regression: float = DEFAULT_MAX_REGRESSION,
+                  plan: Path | None = None) -> tuple[dict[str, Path], object]:
     """``resnet-export bench``: run the matrix (INT8 calibrated on ``calib`` when given) and write the reports.
 
-    Artifacts are built or reused under ``report/artifacts``. With ``baseline`` (a report.json, or a
-    folder holding one per CPU class) the rows are compared with it (``baseline.compare_reports``) and
-    the comparison goes into the reports. Returns the report paths by name and the comparison (or None).
+    Artifacts are built or reused under ``report/artifacts``. ``plan`` times that plan alone instead of the
+    matrix of ``loaded`` (``run_plan``). With ``baseline`` (a report.json, or a folder holding one per CPU
+    class) the rows are compared with it (``baseline.compare_reports``) and the comparison goes into the
+    reports. Returns the report paths by name and the comparison (or None).
     """
     from .baseline import compare_reports, find_baseline, load_report
+    from .bench_report import write_reports
     from .data import calibration_data
 
-    calibration = None
-    if calib:
-        calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
-    rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
+    if plan is not None:
+        rows, env = run_plan(plan, settings, seed)
+        name, weights = plan.name, None
+    else:
+        assert loaded is not None
+        calibration = None
+        if calib:
+            calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
+        rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
+        name, weights = loaded.name, weights_kind(loaded)
     comparison = None
     if baseline:
-        found = find_baseline(baseline, loaded.name, env)
+        found = find_baseline(baseline, name, env)
         if found is None:
             from .baseline import cpu_class
 
-            log.warning(f"no baseline of {loaded.name} for CPU class {cpu_class(env)} in {baseline}: nothing compared")
+            log.warning(f"no baseline of {name} for CPU class {cpu_class(env)} in {baseline}: nothing compared")
         else:
-            current = {"model": loaded.name, "weights": weights_kind(loaded), "environment": env,
-                       "rows": [asdict(r) for r in rows]}
+            current = {"model": name, "weights": weights, "environment": env, "rows": [asdict(r) for r in rows]}
             comparison = compare_reports(current, load_report(found), str(found), max_regression)
-    return write_reports(rows, env, loaded.name, report, comparison, weights_kind(loaded)), comparison
+    return write_reports(rows, env, name, report, comparison, weights), comparison
 
 
 def weights_kind(loaded: LoadedModel) -> str:
     """``trained`` when the model was loaded with weights, else ``random``: top-1 agreement between backends
     means something only for the first (random logits are full of near-ties)."""
     return "random" if loaded.source.get("weights") is None else "trained"
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def write_reports(rows: list[Row], env: dict, model: str, folder: Path, comparison=None,
-                  weights: str | None = None) -> dict[str, Path]:
-    """report.json, report.md, throughput.png and latency.png under ``folder`` (written atomically).
-
-    ``comparison`` (a ``baseline.Comparison``) is recorded in report.json and appended to report.md.
-    """
-    from .manifest import atomic_output, write_json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {name: folder / name for name in ("report.json", "report.md", "throughput.png", "latency.png")}
-    import datetime
-
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    write_json(paths["report.json"], {"schema_version": SCHEMA_VERSION, "model": model, "weights": weights,
-                                      "created": created,
-                                      "environment": env,
-                                      "rows": [asdict(r) for r in rows],
-                                      "compared_with": comparison.to_dict() if comparison else None})
-    with atomic_output(paths["report.md"]) as tmp:
-        tmp.write_text(markdown_report(rows, env, model) + (f"\n{comparison.markdown()}" if comparison else ""))
-    for name, draw in (("throughput.png", _throughput_chart), ("latency.png", _latency_chart)):
-        with atomic_output(paths[name]) as tmp:
-            draw(rows, model, tmp)
-    return paths
-
-
-def markdown_report(rows: list[Row], env: dict, model: str) -> str:
-    """A table a person can read: latency, throughput, speed-up over PyTorch eager, agreement."""
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    lines = [
-        f"# Benchmark: {model}",
-        "",
-        f"CPU: {env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_flags']) or 'no AVX2'}), threads requested: {env['threads_requested'] or 'library defaults'}, "
-        f"GPU: {env['gpu'] or 'none'}",
-        f"Versions: {versions}",
-        "",
-        "| backend | precision | batch | timing | threads set | cores busy | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs torch fp32 | top-1 agree | max abs err |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r.status != "ok":
-            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} | | | | | | | | | | |")
-            continue
-        lat = r.latency_ms
-        speedup = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else ""
-        throughput = f"**{r.throughput:.1f}** (fastest)" if r.fastest else f"{r.throughput:.1f}"
-        lines.append(
-            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {r.threads_setting if r.threads_setting is not None else ''} | "
-            f"{r.cores_busy:.2f} | "
-            f"{lat['p50']:.2f} | {lat['p90']:.2f} | "
-            f"{lat['p99']:.2f} | {lat['mean']:.2f} | {throughput} | {speedup} | {r.top1_agreement:.1%} | "
-            f"{r.max_abs_err:.3g} |"
-        )
-    summary = fastest_summary(rows)
-    if summary:
-        lines += ["", "Fastest backend per precision and batch size (end-to-end timings of this run; "
-                  "the margin is over the next backend):", *summary]
-    return "\n".join(lines) + "\n"
-
-
-def _series(rows: list[Row]) -> dict[str, list[Row]]:
-    series: dict[str, list[Row]] = {}
-    for r in rows:
-        if r.status == "ok":
-            series.setdefault(f"{r.backend} {r.precision} ({r.timing})", []).append(r)
-    return series
-
-
-def _throughput_chart(rows: list[Row], model: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, points in _series(rows).items():
-        ax.plot([r.batch for r in points], [r.throughput for r in points], marker="o", label=label)
-    ax.set(xlabel="batch size", ylabel="images / s", title=f"{model}: throughput")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(sorted({r.batch for r in rows}), labels=[str(b) for b in sorted({r.batch for r in rows})])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
-
-
-def _latency_chart(rows: list[Row], model: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r.status == "ok"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(ok)), 5))
-    x = np.arange(len(ok))
-    for offset, key in zip((-0.25, 0, 0.25), ("p50", "p90", "p99")):
-        ax.bar(x + offset, [r.latency_ms[key] for r in ok], width=0.25, label=key)
-    ax.set_xticks(x, labels=[f"{r.backend}\n{r.precision} b{r.batch}" for r in ok], fontsize=7)
-    ax.set(ylabel="latency (ms)", title=f"{model}: latency percentiles", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)

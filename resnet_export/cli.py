@@ -463,8 +463,9 @@ def inspect(artifact, as_json):
 @main.command()
 @model_options
 @click.option("--backends", default="torch,ort", show_default=True,
-              help="Comma-separated: torch, ort, ort-openvino (OpenVINO kernels through ONNX Runtime), ort-cuda, ort-trt, trt, openvino.")
-@click.option("--precisions", default="fp32,int8", show_default=True, help="Comma-separated: fp32, fp16, int8.")
+              help="Comma-separated: torch, torch-compile, ort, ort-openvino (OpenVINO kernels through ONNX Runtime), "
+                   "ort-cuda, ort-trt, trt, openvino.")
+@click.option("--precisions", default="fp32,int8", show_default=True, help="Comma-separated: fp32, fp16, bf16, int8.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated positive integers.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--iters", type=click.IntRange(min=1), help="Timed runs per row (default: as many as --min-time allows).")
@@ -481,18 +482,33 @@ def inspect(artifact, as_json):
               help="A report.json to compare with, or a folder of them (the one of this model and CPU class).")
 @click.option("--max-regression", type=click.FloatRange(min=0), default=DEFAULT_MAX_REGRESSION, show_default=True, metavar="PCT",
               help="With --baseline: speed-up (or, same environment, img/s) drop that fails the run (exit 3).")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="Let FP32 rows on the GPU (torch, ort-cuda) use TF32.")
+@click.option("--cuda-graph", is_flag=True, help="Also time every TensorRT row replaying a CUDA graph (trtexec --useCudaGraph).")
+@click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Also time each GPU row with this many runners at once, each on its own stream and thread.")
+@click.option("--plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Time this TensorRT plan alone (trtexec --loadEngine): precision and reference from its manifest.")
 def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, rounds, threads, calib, calib_size,
-          report, baseline, max_regression):
+          report, baseline, max_regression, tf32, cuda_graph, streams, plan):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
     from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, prepare_report, run_benchmark
     from .errors import GateFailed
 
+    context = click.get_current_context()
+    if plan is not None:
+        given = [f"--{name}" for name in ("backends", "precisions", "calib")
+                 if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--plan times that plan alone (as trtexec --loadEngine): {', '.join(given)} "
+                                   "does not apply")
     backends = parse_list(backends, BACKENDS, "backend")
     precisions = parse_list(precisions, PRECISIONS, "precision")
-    settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads, rounds)
+    settings = Settings(parse_batch_sizes(batch_sizes), warmup, iters, min_time, threads, rounds, tf32, cuda_graph,
+                        streams)
     prepare_report(report)  # before the model loads: a bad folder fails at once
-    paths, comparison = run_benchmark(load(), report, backends, precisions, settings, calib, calib_size, seed,
-                                      baseline, max_regression)
+    paths, comparison = run_benchmark(None if plan else load(), report, backends, precisions, settings, calib,
+                                      calib_size, seed, baseline, max_regression, plan)
     click.echo(paths["report.md"].read_text())
     click.echo(f"Reports: {', '.join(str(p) for p in paths.values())}")
     if comparison and comparison.regressions:

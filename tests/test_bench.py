@@ -13,12 +13,11 @@ from resnet_export.bench import (
     parse_batch_sizes,
     parse_list,
     run_matrix,
-    write_reports,
     BACKENDS,
     Row,
     mark_fastest,
-    markdown_report,
 )
+from resnet_export.bench_report import markdown_report, write_reports
 
 from .conftest import loaded
 from .test_cli import assert_one_line_error, run
@@ -26,7 +25,7 @@ from .test_cli import assert_one_line_error, run
 
 def test_option_parsing():
     assert parse_list("torch, ort", BACKENDS, "backend") == ("torch", "ort")
-    with pytest.raises(BenchError, match="unknown backend tensorflow; valid: torch, ort, ort-openvino, ort-cuda, ort-trt, trt, openvino"):
+    with pytest.raises(BenchError, match="unknown backend tensorflow; valid: torch, torch-compile, ort, ort-openvino, ort-cuda, ort-trt, trt, openvino"):
         parse_list("torch,tensorflow", BACKENDS, "backend")
     assert parse_batch_sizes("1,8,32") == (1, 8, 32)
     for bad in ("0", "1,a", "", "-4"):
@@ -50,6 +49,13 @@ def matrix(tmp_path_factory):
     return model, folder, rows, env
 
 
+def intel_cpu() -> bool:
+    """Whether /proc/cpuinfo names an Intel CPU (read here, apart from the toolkit)."""
+    from pathlib import Path
+
+    return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+
+
 def _row(rows, backend, precision, batch):
     return next(r for r in rows if (r.backend, r.precision, r.batch) == (backend, precision, batch))
 
@@ -66,7 +72,10 @@ def test_matrix_measures_and_checks_every_row(matrix):
     assert _row(rows, "ort", "int8", 4).status == "ok"
     for precision in ("fp32", "int8"):  # OpenVINO's kernels through ONNX Runtime's API, on the same files as ort
         row = _row(rows, "ort-openvino", precision, 4)
-        assert row.status == "ok" and row.throughput > 0, row.reason
+        if intel_cpu():
+            assert row.status == "ok" and row.throughput > 0, row.reason
+        else:  # the plugin offers Intel devices only
+            assert row.status == "skipped" and "runs on Intel CPUs only" in row.reason
     assert torch.__version__.startswith(env["versions"]["torch"])  # 2.14.1 of 2.14.1+cu130
 
 
@@ -88,7 +97,7 @@ def test_rows_are_timed_in_interleaved_rounds_and_speed_up_is_measured():
     """Rows are checked once, then timed round after round, each round visiting every row (warm-up first, one
     warm-up call per later round); iterations are the timed calls, latency what they took, and a runner twice
     as fast shows about 2x over the torch row. Sleeps, not compute: load can only lengthen them, a little."""
-    from resnet_export.bench import Row, _add_speedups, check, time_rows
+    from resnet_export.bench import Row, add_speedups, check, time_rows
 
     x, logits = np.zeros((2, 3, 8, 8), np.float32), np.eye(2, 10, dtype=np.float32)
     log = []
@@ -97,7 +106,7 @@ def test_rows_are_timed_in_interleaved_rounds_and_speed_up_is_measured():
     assert log == ["t", "o"]  # the check: one call each
     time_rows(slots, Settings(warmup=2, iters=10, rounds=5))
     rows = [slot.row for slot in slots]
-    _add_speedups(rows)
+    add_speedups(rows)
     # round 1: 2 warm-up and 2 timed calls per row; rounds 2-5: 1 warm-up and 2 timed
     assert "".join(log[2:]) == "".join(["tttt", "oooo"] + ["ttt", "ooo"] * 4)
     assert [(r.status, r.iterations) for r in rows] == [("ok", 10), ("ok", 10)]
@@ -187,21 +196,28 @@ def test_reports(matrix, tmp_path):
     model, _, rows, env = matrix
     paths = write_reports(rows, env, model.name, tmp_path)
     data = json.loads(paths["report.json"].read_text())
-    assert data["schema_version"] == 3 and len(data["rows"]) == len(rows)
+    assert data["schema_version"] == 4 and len(data["rows"]) == len(rows)
     ok = [r for r in data["rows"] if r["status"] == "ok"]
-    for precision, batch in {(r["precision"], r["batch"]) for r in ok}:  # one fastest, the highest img/s
-        group = [r for r in ok if (r["precision"], r["batch"]) == (precision, batch)]
+    for key in {(r["precision"], r["batch"], r["clock"]) for r in ok}:  # one fastest per clock, the highest img/s
+        group = [r for r in ok if (r["precision"], r["batch"], r["clock"]) == key]
         assert [r for r in group if r["fastest"]] == [max(group, key=lambda r: r["throughput"])]
     md = paths["report.md"].read_text()
-    assert "| backend | precision | batch |" in md and "| torch | int8 | 1 | skipped: PyTorch eager has no INT8" in md
+    assert "| backend | precision | batch |" in md and "| torch | int8 | 1 | skipped: PyTorch has no INT8" in md
     for name in ("throughput.png", "latency.png"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ort_openvino_runs_the_model_on_openvinos_kernels_through_onnx_runtime(resnet18_onnx):
     pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin EP ships for Linux x86_64 only")
-    from resnet_export.runners import OPENVINO_EP, OrtRunner
+    from resnet_export.errors import OnnxError
+    from resnet_export.runners import OPENVINO_EP, OrtRunner, openvino_ep_unavailable
 
+    reason = openvino_ep_unavailable()
+    assert (reason is None) == intel_cpu(), reason  # the plugin offers Intel devices only (ov_factory.cc)
+    if reason:  # an AMD CPU: a one-line error naming it, never ONNX Runtime's "Must provide one or more OrtEpDevice"
+        with pytest.raises(OnnxError, match="offers no device for this CPU .*: it runs on Intel CPUs only"):
+            OrtRunner(resnet18_onnx.path, [OPENVINO_EP])
+        return
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     cpu, openvino = OrtRunner(resnet18_onnx.path), OrtRunner(resnet18_onnx.path, [OPENVINO_EP], threads=1)
     assert openvino.session.get_providers()[0] == OPENVINO_EP  # not a silent fall-back to the CPU provider
@@ -209,24 +225,32 @@ def test_ort_openvino_runs_the_model_on_openvinos_kernels_through_onnx_runtime(r
     assert OrtRunner(resnet18_onnx.path, [OPENVINO_EP]).session.get_providers()[0] == OPENVINO_EP  # registered once
 
 
-def test_fastest_backend_is_marked_per_precision_and_batch_among_end_to_end_rows():
-    def row(backend, precision, batch, img_s, timing="wall clock, CPU", status="ok"):
+def test_fastest_backend_is_marked_per_precision_batch_and_clock():
+    """Only rows measured by the same clock compare: a CUDA-event row (device time, no copies) is the fastest of its
+    own clock, never beside wall-clock rows."""
+    def row(backend, precision, batch, img_s, timing="wall clock, CPU", status="ok", clock="wall clock"):
         return Row(backend, precision, batch, status=status, timing=timing, throughput=img_s, iterations=3,
                    latency_ms={k: 1.0 for k in ("p50", "p90", "p99", "mean")}, top1_agreement=1.0, max_abs_err=0.0,
-                   cores_busy=1.0)
+                   cores_busy=1.0, clock=clock)
 
+    events = dict(timing="CUDA events on the engine's stream, inputs on device", clock="CUDA events")
     rows = [row("torch", "fp32", 1, 10.0), row("ort", "fp32", 1, 30.0), row("openvino", "fp32", 1, 20.0),
             row("ort", "int8", 1, 50.0), row("openvino", "int8", 1, 60.0),
-            row("trt", "int8", 1, 900.0, timing="CUDA events, input on the device"),  # no copies: not comparable
+            row("trt", "int8", 1, 900.0, **events), row("trt", "int8", 1, 450.0, **events),
             row("ort", "int8", 8, 70.0), row("openvino", "int8", 8, None, status="error")]
+    rows[6].timing += ", CUDA graph"
     mark_fastest(rows)
-    assert [(r.backend, r.precision, r.batch) for r in rows if r.fastest] == [
-        ("ort", "fp32", 1), ("openvino", "int8", 1), ("ort", "int8", 8)]
+    assert [(r.backend, r.precision, r.batch, r.clock) for r in rows if r.fastest] == [
+        ("ort", "fp32", 1, "wall clock"), ("openvino", "int8", 1, "wall clock"), ("trt", "int8", 1, "CUDA events"),
+        ("ort", "int8", 8, "wall clock")]
     md = markdown_report(rows, {"cpu": "x", "cores": 2, "cpu_flags": [], "threads_requested": 2, "gpu": None,
                                 "versions": {}}, "m")
     assert "| **60.0** (fastest) |" in md and "| 50.0 |" in md
-    assert "- int8 batch 1: **openvino** (60.0 img/s; 1.20x ort)" in md
-    assert "- fp32 batch 1: **ort** (30.0 img/s; 1.50x openvino)" in md and "- int8 batch 8: **ort** (70.0 img/s; the only row)" in md
+    assert "- int8 batch 1, wall clock: **openvino** (60.0 img/s; 1.20x ort)" in md
+    assert "- int8 batch 1, CUDA events: **trt (CUDA events on the engine's stream, inputs on device)** (900.0 img/s; " \
+           "2.00x trt (CUDA graph))" in md
+    assert "- fp32 batch 1, wall clock: **ort** (30.0 img/s; 1.50x openvino)" in md
+    assert "- int8 batch 8, wall clock: **ort** (70.0 img/s; the only row)" in md
 
 
 @pytest.mark.parametrize(

@@ -200,6 +200,8 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
     where two threads keep more than one busy. Fails if a backend ignores the setting."""
     import os
 
+    from .test_bench import intel_cpu
+
     def rows(threads):
         report = tmp_path / f"threads-{threads}"
         result = run("bench", "--arch", "resnet18", "--num-classes", "10", "--input-size", "64", "--backends",
@@ -214,9 +216,12 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
         two = rows(2) if len(os.sched_getaffinity(0)) >= 2 else None
     finally:
         torch.set_num_threads(before)  # bench sets torch's threads process-wide
-    assert {b: r["threads_setting"] for b, r in one.items()} == {"torch": 1, "ort": 1, "ort-openvino": 1, "openvino": 1}
+    ran = {"torch", "ort", "openvino"} | ({"ort-openvino"} if intel_cpu() else set())  # the plugin: Intel only
+    one = {b: r for b, r in one.items() if r["status"] == "ok"}
+    assert {b: r["threads_setting"] for b, r in one.items()} == dict.fromkeys(ran, 1)
     assert all(0.5 < r["cores_busy"] < 1.3 for r in one.values()), {b: r["cores_busy"] for b, r in one.items()}
     if two:
+        two = {b: r for b, r in two.items() if r["status"] == "ok"}
         assert all(r["cores_busy"] > 1.3 for r in two.values()), {b: r["cores_busy"] for b, r in two.items()}
 
 

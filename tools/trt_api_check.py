@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The modules that call TensorRT or the CUDA seam under it.
-MODULES = ["trt.py", "device.py", "bench.py", "triton.py", "runners.py", "pipeline.py", "describe.py", "inference.py"]
+MODULES = ["trt.py", "device.py", "device_runners.py", "bench.py", "triton.py", "runners.py", "pipeline.py", "describe.py", "inference.py"]
 
 
 def stubs(cache: Path, version: str) -> Path:
