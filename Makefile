@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test api-check bench-ci bench-baseline bench-spread bench clean
+.PHONY: install demo test api-check bench-ci bench-baseline bench-spread bench gpu-check clean
 
 install: $(STAMP)
 
@@ -60,3 +60,11 @@ bench: $(STAMP)
 PAIRS ?= 10
 bench-spread: $(STAMP)
 	$(BIN)/python benchmarks/spread.py $(OUT)/bench-spread $(PAIRS) -- $(BENCH_CI)
+
+# Every GPU claim in one command, on one CUDA GPU (TensorRT rows where it is installed): `pytest -m gpu`, the GPU matrix
+# on resnet50 and the check against the reference script's figures; writes benchmarks/results/gpu-<gpu>/ (see
+# benchmarks/gpu_check.py). On a machine whose own Python has the packages and no package index can be reached:
+#   make gpu-check GPU_PYTHON=python3    (the project on PYTHONPATH, no .venv, nothing installed)
+GPU_PYTHON ?=
+gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(or $(GPU_PYTHON),$(BIN)/python) benchmarks/gpu_check.py
