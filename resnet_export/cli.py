@@ -143,6 +143,10 @@ def model_options(command):
                 return load_model(arch, factory, weights, num_classes, in_channels, input_size, mean, std, seed,
                                   resize, interpolation)
 
+        context = click.get_current_context()
+        #: whether the command line named a model (the defaults alone do not)
+        load.given = any(context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+                         for name in ("arch", "factory", "weights", "num_classes", "in_channels", "input_size"))
         return command(load=load, seed=seed, **kwargs)
 
     return _with_options(MODEL_OPTIONS, wrapper)
@@ -270,8 +274,7 @@ def _precision_line(result) -> str:
         form = f", {record.weight_bits}-bit weights ({record.cpu_form})" if record.cpu_form else ""
         what += (f" ({record.target}, {record.calibration_method}, {record.calibration_samples} "
                  f"calibration samples{rest}{form})")
-    against = "PyTorch" if result.reference == "torch" else f"the FP32 ONNX {result.reference.removeprefix('ort:')}"
-    line = f"{what}; vs {against} on {v.inputs}: {v.summary()}"
+    line = f"{what}; vs {v.reference} on {v.inputs}: {v.summary()}"
     rest_attempts = [a for a in result.attempts if not a.excluded]
     if len(rest_attempts) > 1:
         first = rest_attempts[0]
@@ -322,10 +325,12 @@ def quantize(source, make_request, target, cpu_form, seed, stated, output):
 @click.option("--builder-opt-level", type=click.IntRange(0, 5), help="TensorRT builder optimization level (0-5).")
 @click.option("--version-compatible", is_flag=True, help="Build a plan that later TensorRT releases of the same major can run.")
 @click.option("--hardware-compat", is_flag=True, help="Build a plan that runs on any Ampere or newer GPU.")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="Let FP32 layers compute in TF32 (TensorRT's and trtexec's default; the FP32 gate becomes FP16's).")
 @click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
 @_output_option("OUT.plan")
 def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, workspace, timing_cache,
-        builder_opt_level, version_compatible, hardware_compat, onnx_only, output):
+        builder_opt_level, version_compatible, hardware_compat, tf32, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
     from .pipeline import trt_from_source
     from .trt import BatchProfile, BuildOptions, check_profile
@@ -333,7 +338,7 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
     request = make_request(False, target="trt", seed=seed)
     profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
-                           version_compatible, hardware_compat)
+                           version_compatible, hardware_compat, tf32)
     source = {"onnx_path": onnx_path} if onnx_path else {"load": load}
     result = trt_from_source(output, **source, request=request, profile=profile, options=options, onnx_only=onnx_only)
     if result.fp32:
@@ -344,8 +349,9 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
         click.echo(f"{result.onnx} written; --onnx-only: no engine built")
         return
     record, v = result.engine.record, result.engine.verification
-    click.echo(f"{output}: {record.precision['dtype'].upper()} engine, TensorRT {record.runtime.tensorrt} on "
-               f"{record.runtime.gpu} (built in {record.build_seconds} s); vs {v.inputs}: {v.summary()}: PASS")
+    click.echo(f"{output}: {record.precision['dtype'].upper()} engine (TF32 {'on' if tf32 else 'off'}), TensorRT "
+               f"{record.runtime.tensorrt} on {record.runtime.gpu} (built in {record.build_seconds} s); "
+               f"vs {v.reference} (batches {','.join(map(str, v.batch_sizes))}): {v.summary()}: PASS")
 
 
 @main.command("verify")
@@ -355,14 +361,17 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Gate to apply (default: the precision the artifact records).")
 def verify_command(artifact, load, seed, images, precision):
-    """Compare an ONNX file or a TensorRT plan with the PyTorch model, using its precision's gate."""
+    """Compare an ONNX file or a TensorRT plan with PyTorch, using its precision's gate.
+
+    Without MODEL, against the PyTorch logits the artifact (a plan: its ONNX) recorded when it was made.
+    """
     from .cpu import cpu_info, describe_cpu
     from .pipeline import recorded_verification, verify_artifact
 
-    loaded = load()
+    loaded = load() if load.given or images else None
     precision, origin, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision)
-    line = (f"{artifact}: {precision.upper()} (from {origin}) vs PyTorch on {v.inputs}, {describe_cpu(cpu_info())}: "
-            f"{v.summary()}")
+    line = (f"{artifact}: {precision.upper()} (from {origin}) vs {v.reference} (batches "
+            f"{','.join(map(str, v.batch_sizes))}), {describe_cpu(cpu_info())}: {v.summary()}")
     recorded = recorded_verification(artifact)
     if recorded and recorded.get("metrics"):
         m = recorded["metrics"]

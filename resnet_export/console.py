@@ -91,17 +91,24 @@ def print_description(info: dict) -> None:
     spec = info.get("preprocessing") or manifest.get("preprocessing")
     if spec:
         out.print(f"[bold]Preprocessing[/bold]: {escape(Preprocessing.from_dict({**spec, 'class_names': None}).describe())}")
+    options = manifest.get("options")
+    if "engine" in info and options is not None:
+        built = [f"TF32 {'on' if options.get('tf32') else 'off'}"]
+        built += [name.replace("_", " ") for name in ("version_compatible", "hardware_compatible") if options.get(name)]
+        out.print(f"[bold]Built with[/bold]: {', '.join(built)}")
     verification = manifest.get("verification")
     if verification:
-        metrics = table(f"Verification: {'PASS' if verification['passed'] else 'FAIL'} on {verification['inputs']}",
-                        "metric", "value", "gate")
+        against = f" vs {verification['reference']}" if verification.get("reference") else ""
+        metrics = table(f"Verification: {'PASS' if verification['passed'] else 'FAIL'}{escape(against)} on "
+                        f"{escape(verification['inputs'])}", "metric", "value", "gate")
         gate = verification.get("gate") or {}
-        limits = {"top1_agreement": gate.get("min_top1_agreement"), "min_cosine": gate.get("min_cosine"),
-                  "accuracy_drop_points": gate.get("max_accuracy_drop")}
+        limits = {"top1_agreement": (">=", gate.get("min_top1_agreement")), "min_cosine": (">=", gate.get("min_cosine")),
+                  "accuracy_drop_points": ("<=", gate.get("max_accuracy_drop")),
+                  "max_rel_err": ("<=", gate.get("max_rel_err"))}
         for key, value in verification["metrics"].items():
-            limit = limits.get(key)
+            sign, limit = limits.get(key, ("", None))
             metrics.add_row(key.replace("_", " "), f"{value:.6g}" if isinstance(value, float) else str(value),
-                            "" if limit is None else (f"<= {limit}" if key == "accuracy_drop_points" else f">= {limit}"))
+                            "" if limit is None else f"{sign} {limit}")
         kernels = verification.get("kernels")
         if kernels:
             metrics.add_row("fused vs exact min cosine", f"{kernels['metrics']['min_cosine']:.6g}",

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .progress import task
 from .data import Inputs, calibration_data, image_inputs, random_inputs, verification_inputs
 from .errors import OnnxError, first_line
@@ -36,6 +38,7 @@ from .onnx_graph import (
 from .preprocessing import Preprocessing, stated
 from .precision import RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
+from .reference_record import attach, make_record, read_record
 from .sensitivity import rank_quantized_convs
 from .trt import (
     BatchProfile,
@@ -48,9 +51,12 @@ from .trt import (
     profile_batch_sizes,
     unavailable_reason,
 )
-from .verify import GATES, Gate, Verification, batch_plan, verify
+from .verify import GATES, Gate, Verification, plan_gate, verify
 
 log = logging.getLogger(__name__)
+
+#: What the toolkit's reference is, in words.
+PYTORCH = "PyTorch FP32"
 
 
 @dataclass
@@ -94,7 +100,9 @@ def onnx_from_model(
     verification = None
     if inputs is not None:
         with task(log, f"Verifying against PyTorch on {inputs.description}"):
-            verification = verify(TorchRunner(loaded.module), OrtRunner(output), inputs, GATES["fp32"], batch)
+            verification = verify(TorchRunner(loaded.module), OrtRunner(output), inputs, GATES["fp32"], batch,
+                                  described_reference=PYTORCH)
+        attach(output, make_record(inputs, TorchRunner(loaded.module), loaded.preprocessing, PYTORCH, "export"))
     write_manifest(
         output,
         stage="onnx",
@@ -154,7 +162,10 @@ def fold_onnx_file(source: str | Path, output: str | Path, *, run_verification: 
         with task(log, f"Verifying {output} against {source} on ONNX Runtime"):
             candidate = OrtRunner(output)
             reference_runner = OrtRunner(reference)
-            verification = verify(reference_runner, candidate, inputs, GATES["fp32"], candidate.fixed_batch)
+            described = f"{Path(source).name} (inference mode) on ONNX Runtime"
+            verification = verify(reference_runner, candidate, inputs, GATES["fp32"], candidate.fixed_batch,
+                                  described_reference=described)
+        attach(output, make_record(inputs, reference_runner, spec, described, "fold"))
     write_manifest(
         output,
         stage="fold",
@@ -326,6 +337,7 @@ def precision_from_onnx(
     else:
         inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
     gate, custom_gate = request.gate(), request.custom_gate
+    reference_label = PYTORCH if reference is not None else stand_in_label(source)
     reference = reference or OrtRunner(source)
     attempts: list[Attempt] = []
 
@@ -349,7 +361,8 @@ def precision_from_onnx(
             with task(log, f"Verifying {label} on {inputs.description}"):
                 candidate = OrtRunner(path)
                 exact = OrtRunner(path, exact=True) if precision == "int8" else None
-                verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch, exact=exact)
+                verification = verify(reference, candidate, inputs, gate, candidate.fixed_batch, exact=exact,
+                                      described_reference=reference_label)
             if candidate.fp16_quantize_rewritten:
                 record.cpu_verification_note = (
                     f"{candidate.fp16_quantize_rewritten} float16 QuantizeLinear evaluated in float32 on ONNX "
@@ -387,6 +400,7 @@ def precision_from_onnx(
             if not verification.passed and len(excluded) < len(ranking):
                 excluded = ranking
                 path, record, verification = convert(chosen_rest, [name for name, _ in excluded])
+        attach(path, make_record(inputs, reference, spec, reference_label, "quantize"))
         with atomic_output(output) as tmp:
             shutil.copyfile(path, tmp)
     source_info = read_metadata(source).get("source", {})
@@ -429,21 +443,65 @@ class EngineResult:
 def engine_from_onnx(onnx_path: str | Path, output: str | Path, *, profile: BatchProfile = BatchProfile(),
                      options: BuildOptions | None = None, reference: Runner | None = None,
                      inputs: Inputs | None = None, seed: int = 0) -> EngineResult:
-    """Build the engine, verify it at the profile's smallest and largest batch, and write ``output.json``.
+    """Build the engine, verify it at its profile's smallest, tuned and largest batch, and write ``output.json``.
 
-    ``reference`` defaults to ``onnx_path`` on ONNX Runtime; the gate is the precision's. The runner
-    checks the fresh build record, not a sidecar an earlier build left.
+    ``reference`` is PyTorch when the caller has the model (``inputs`` then defaults to seeded random ones).
+    Without it the plan is gated against what its ONNX stands for: the logits the ONNX carries from its own
+    verification (``reference_record``), else, when it carries none, the ONNX itself on ONNX Runtime; the
+    verification says which. The gate follows the precision and whether the weights are random
+    (``plan_gate``); a real engine rounds differently, so one input's top-1 flip is allowed, never a fidelity
+    miss. The runner checks the fresh build record, not a sidecar an earlier build left.
     """
     check_not_input([output], [onnx_path])
+    options = options or BuildOptions()
     record = build_engine(onnx_path, output, profile, options)
     precision = record.precision.get("dtype", "fp32")
-    inputs = inputs or random_inputs(onnx_preprocessing(onnx_path), max(8, profile.max), seed)
     engine = TrtRunner(output, manifest=record.to_dict())
-    sizes = profile_batch_sizes(engine.profile_min_batch, engine.profile_max_batch)
-    verification = verify(reference or OrtRunner(onnx_path), engine, inputs, GATES[precision], sizes=sizes)
+    if reference is not None:
+        inputs = inputs or random_inputs(onnx_preprocessing(onnx_path), max(8, engine.profile_max_batch), seed)
+        expected, described = reference, f"{PYTORCH} on {inputs.description}"
+    else:
+        inputs, expected, described = recorded_reference(onnx_path, max(8, engine.profile_max_batch), seed)
+    gate = plan_gate(precision, weights_random(onnx_path), options.tf32)
+    sizes = profile_batch_sizes(engine.profile_min_batch, engine.profile_opt_batch, engine.profile_max_batch)
+    verification = verify(expected, engine, inputs, gate, sizes=sizes, cover=True, described_reference=described,
+                          slack=1)
     write_manifest(output, stage="engine", **record.to_dict(), verification=verification.to_dict())
-    verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (plan kept)")
+    verification.raise_if_failed(f"{output} failed the {precision.upper()} gate (vs {verification.reference})",
+                                 " (plan kept)")
     return EngineResult(Path(output), record, verification)
+
+
+def recorded_reference(onnx_path: str | Path, count: int = 8, seed: int = 0) -> tuple[Inputs, np.ndarray, str]:
+    """The inputs and reference logits that stand for ``onnx_path``'s model, and what they are in words.
+
+    The reference the ONNX carries from its own verification (``reference_record``: PyTorch FP32's logits, or
+    what stood for PyTorch then); when it carries none, ``count`` seeded random inputs and the ONNX itself on
+    ONNX Runtime, said to be a fallback.
+    """
+    recorded = read_record(onnx_path)
+    if recorded is not None:
+        return recorded.as_inputs(), recorded.logits, recorded.summary()
+    inputs = random_inputs(onnx_preprocessing(onnx_path), count, seed)
+    return inputs, OrtRunner(onnx_path).infer(inputs.array), (
+        f"{Path(onnx_path).name} on ONNX Runtime on {inputs.description} (the ONNX records no reference: "
+        "compared with the ONNX it was built from, not with PyTorch)")
+
+
+def weights_random(onnx_path: str | Path) -> bool:
+    """Whether the ONNX says its model had random weights (its metadata's source); False when it does not say."""
+    source = read_metadata(onnx_path).get("source") or {}
+    return "weights" in source and source["weights"] is None
+
+
+def stand_in_label(fp32_onnx: str | Path) -> str:
+    """What an FP32 ONNX on ONNX Runtime is, as a reference: how close it came to PyTorch when it was made."""
+    recorded = recorded_verification(fp32_onnx) or {}
+    error = (recorded.get("metrics") or {}).get("max_rel_err")
+    name = Path(fp32_onnx).name
+    if recorded.get("passed") and error is not None and "PyTorch" in (recorded.get("reference") or PYTORCH):
+        return f"FP32 ONNX {name} (on ONNX Runtime; it matched PyTorch FP32 to a relative error of {error:.1g})"
+    return f"FP32 ONNX {name} (on ONNX Runtime)"
 
 
 def artifact_precision(artifact: str | Path) -> tuple[str, str]:
@@ -491,14 +549,17 @@ def artifact_preprocessing(artifact: Path, loaded: LoadedModel) -> Preprocessing
     return spec
 
 
-def verify_artifact(artifact: str | Path, loaded: LoadedModel, *, images: str | Path | None = None,
+def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images: str | Path | None = None,
                     seed: int = 0, precision: str | None = None) -> tuple[str, str, Verification]:
-    """Compare an ONNX file or a plan with the PyTorch model using its precision's gate.
+    """Compare an ONNX file or a plan with PyTorch using its precision's gate.
 
-    Inputs are preprocessed as the artifact says (``artifact_preprocessing``). The precision, and so
-    the gate, comes from the artifact (``artifact_precision``) unless ``precision`` is given; returns
-    it, where it came from, and the verification. An INT8 ONNX is also run exactly (graph
-    optimizations off): its fused run on this CPU must match.
+    With ``loaded`` (the PyTorch model) on ``images`` or seeded random inputs, preprocessed as the artifact says
+    (``artifact_preprocessing``). Without it, against the reference the artifact (a plan: its ONNX) recorded when
+    it was made (``reference_record``). The precision, and so the gate, comes from the artifact
+    (``artifact_precision``) unless ``precision`` is given; returns it, where it came from, and the
+    verification. A plan runs every batch of its profile (smallest, tuned, largest) and is gated as it was built
+    (``plan_gate``). An INT8 ONNX is also run exactly (graph optimizations off): its fused run on this CPU must
+    match.
     """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):
@@ -510,23 +571,52 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel, *, images: str | 
     if recorded and recorded.get("cpu") and _cpu_key(recorded["cpu"]) != _cpu_key(cpu_info()):
         log.warning(f"{artifact.name} was verified on {describe_cpu(recorded['cpu'])} when made; "
                     f"re-checking on this machine, {describe_cpu(cpu_info())}")
-    spec = artifact_preprocessing(artifact, loaded)
+    onnx_path = artifact if artifact.suffix == ".onnx" else Path((load_manifest(artifact) or {}).get("onnx", ""))
     candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
+    if loaded is None:
+        reference, inputs, described = _recorded_reference(artifact, onnx_path, images)
+    else:
+        spec = artifact_preprocessing(artifact, loaded)
+        _check_input_shape(artifact, candidate, spec)
+        inputs = image_inputs(images, spec) if images else random_inputs(spec, 8, seed)
+        reference, described = TorchRunner(loaded.module), f"{PYTORCH} on {inputs.description}"
+    exact = OrtRunner(artifact, exact=True) if artifact.suffix == ".onnx" and precision == "int8" else None
+    gate, sizes, slack = GATES[precision], None, 0
+    if isinstance(candidate, TrtRunner):  # every batch of the engine's optimization profile, as it was built
+        options = (load_manifest(artifact) or {}).get("options", {})
+        gate = plan_gate(precision, onnx_path.is_file() and weights_random(onnx_path), options.get("tf32", False))
+        sizes, slack = profile_batch_sizes(candidate.profile_min_batch, candidate.profile_opt_batch,
+                                           candidate.profile_max_batch), 1
+    with task(log, f"Verifying {artifact.name} against {described}"):
+        verification = verify(reference, candidate, inputs, gate, getattr(candidate, "fixed_batch", None), sizes,
+                              exact=exact, cover=sizes is not None, described_reference=described, slack=slack)
+    verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate (precision from {origin}; "
+                                 f"vs {described})")
+    return precision, origin, verification
+
+
+def _recorded_reference(artifact: Path, onnx_path: Path, images: str | Path | None):
+    """The reference logits, inputs and words an artifact is verified against when no model is given: what its ONNX
+    recorded; for a plan whose ONNX recorded nothing, that ONNX on ONNX Runtime (said so)."""
+    if images:
+        raise OnnxError("`images` need the PyTorch model to compare with: give MODEL too")
+    if not onnx_path.is_file():
+        raise OnnxError(f"{artifact.name}: its ONNX ({onnx_path or 'not named by a manifest'}) is not here to say "
+                        "what it stands for; give the model (--arch/--model and --weights) to compare with PyTorch")
+    if onnx_path == artifact and read_record(onnx_path) is None:
+        raise OnnxError(f"{artifact.name} records no reference to verify against; give the model "
+                        "(--arch/--model and --weights) to compare with PyTorch")
+    inputs, logits, described = recorded_reference(onnx_path)
+    return logits, inputs, described
+
+
+def _check_input_shape(artifact: Path, candidate, spec: Preprocessing) -> None:
+    """A one-line error before anything runs when the preprocessing makes inputs the graph cannot take."""
     expected = tuple(candidate.session.get_inputs()[0].shape[1:]) if isinstance(candidate, OrtRunner) else None
     given = (spec.channels, *spec.input_size)
     if expected and any(isinstance(e, int) and e != g for e, g in zip(expected, given)):
         raise OnnxError(f"{artifact.name} takes inputs of {list(expected)} but its preprocessing makes {list(given)}: "
                         "state it with `resize`/`input_size` as the model was trained")
-    exact = OrtRunner(artifact, exact=True) if artifact.suffix == ".onnx" and precision == "int8" else None
-    inputs = image_inputs(images, spec) if images else random_inputs(spec, 8, seed)
-    sizes = None
-    if isinstance(candidate, TrtRunner):  # every batch inside the engine's optimization profile
-        sizes = batch_plan(len(inputs.array), None, candidate.profile_max_batch, candidate.profile_min_batch)
-    with task(log, f"Verifying {artifact.name} against PyTorch on {inputs.description}"):
-        verification = verify(TorchRunner(loaded.module), candidate, inputs, GATES[precision],
-                              getattr(candidate, "fixed_batch", None), sizes, exact=exact)
-    verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate (precision from {origin})")
-    return precision, origin, verification
 
 
 def _cpu_key(info: dict) -> tuple:
@@ -624,6 +714,6 @@ def trt_from_source(
                 f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
             )
         inputs = verification_inputs(loaded, val, seed=seed) if loaded else None
-        engine = engine_from_onnx(side_onnx, output, profile=profile, options=options,
-                                  reference=reference or OrtRunner(fp32), inputs=inputs, seed=seed)
+        engine = engine_from_onnx(side_onnx, output, profile=profile, options=options, reference=reference,
+                                  inputs=inputs, seed=seed)
     return TrtResult(side_onnx, fp32_result, precision_result, engine)

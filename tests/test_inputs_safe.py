@@ -31,7 +31,7 @@ def test_trt_keeps_its_precision_onnx_apart_from_the_input(model, tmp_path):
     result = run("trt", "--onnx", model[0], "--fp16", "--onnx-only", "-o", tmp_path / "m.plan")
     assert result.exit_code == 0, result.output
     assert _unchanged(model) and (tmp_path / "m.fp16.onnx").is_file()
-    assert "FP16; vs the FP32 ONNX m.onnx on" in result.stdout  # no PyTorch model with --onnx: says what it used
+    assert "FP16; vs FP32 ONNX m.onnx (on ONNX Runtime" in result.stdout  # no PyTorch model with --onnx: says what it used
     manifest = json.loads((tmp_path / "m.fp16.onnx.json").read_text())
     assert manifest["source"]["onnx"] == str(model[0]) and manifest["source"]["reference"] == "ort:m.onnx"
 

@@ -30,7 +30,8 @@ def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
                  "--calib-size", "4", *LOOSE, "-o", out)
     assert result.exit_code == 0, result.output
     assert "INT8 (cpu, minmax, 4 calibration samples, 7-bit weights (portable))" in result.stdout
-    assert "vs the FP32 ONNX resnet18.onnx on 2 held-out images" in result.stdout and "(only 2: pass --val" in result.stdout
+    assert "vs FP32 ONNX resnet18.onnx (on ONNX Runtime; it matched PyTorch FP32" in result.stdout
+    assert ") on 2 held-out images" in result.stdout and "(only 2: pass --val" in result.stdout
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
     assert manifest["qdq"]["quantized_convs"] == 20 and manifest["settings"]["target"] == "cpu"
     from resnet_export.onnx_graph import conv_weight_peak
@@ -58,7 +59,8 @@ def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
 def test_quantize_fp16(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--fp16", "--val", IMAGES, "-o", tmp_path / "h.onnx")
     assert result.exit_code == 0, result.output
-    assert "FP16; vs the FP32 ONNX resnet18.onnx on 6 images" in result.stdout and ": PASS" in result.stdout
+    assert "FP16; vs FP32 ONNX resnet18.onnx (on ONNX Runtime; it matched PyTorch FP32" in result.stdout
+    assert ") on 6 images" in result.stdout and ": PASS" in result.stdout
 
 
 def test_images_are_converted_to_the_model_channels():

@@ -119,7 +119,8 @@ def test_a_manifest_without_versions_is_a_clear_mismatch():
 
 
 def test_profile_batch_sizes_and_io_types():
-    assert profile_batch_sizes(1, 32) == [1, 32] and profile_batch_sizes(4, 4) == [4]
+    assert profile_batch_sizes(1, 8, 32) == [1, 8, 32] and profile_batch_sizes(4, 4, 4) == [4]
+    assert profile_batch_sizes(1, 32, 32) == [1, 32]
     assert torch_dtype_name("HALF", "logits") == "float16" and torch_dtype_name("BF16", "x") == "bfloat16"
     assert torch_dtype_name("INT64", "x") == "int64" and torch_dtype_name("BOOL", "x") == "bool"
     with pytest.raises(EngineError, match="'x' has data type FP8, which this runner cannot feed"):
@@ -239,7 +240,7 @@ def test_verify_command_on_onnx(resnet18_onnx, resnet18_small, tmp_path):
     args = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64", "--images", IMAGES]
     result = run("verify", resnet18_onnx.path, *args, "--weights", checkpoint)
     assert result.exit_code == 0, result.output
-    assert "FP32 (from its manifest) vs PyTorch on 6 images" in result.stdout and "PASS" in result.stdout
+    assert "FP32 (from its manifest) vs PyTorch FP32 on 6 images" in result.stdout and "PASS" in result.stdout
     other = run("verify", resnet18_onnx.path, *args, "--seed", "7")  # another (random) model
     assert_one_line_error(other, "failed the FP32 gate", code=3)
 
@@ -258,7 +259,7 @@ def test_inspect_onnx(resnet18_onnx):
     report = run("inspect", resnet18_onnx.path)  # for a person: tables, not JSON
     assert report.exit_code == 0, report.output
     for part in ("Inputs and outputs", "Precision", "Preprocessing: shorter side to 73 (bilinear), center crop 64x64",
-                 "Verification: PASS on 6 images", "min cosine", ">= 0.99999", "Verified on", "Op mix: Conv 20"):
+                 "Verification: PASS vs PyTorch FP32 on 6 images", "min cosine", ">= 0.99999", "Verified on", "Op mix: Conv 20"):
         assert part in report.stdout, part
     assert not report.stdout.lstrip().startswith("{")
 
