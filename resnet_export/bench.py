@@ -31,7 +31,7 @@ from .errors import OutputError, ResnetExportError, first_line
 from .manifest import library_versions
 from .models import LoadedModel
 from .progress import task
-from .verify import compare
+from .verify import compare, covering
 
 if TYPE_CHECKING:
     from .trt import BatchProfile, RuntimeInfo
@@ -336,32 +336,35 @@ class Artifacts:
             precision_from_onnx(fp32, path, request, reference=TorchRunner(self.loaded.module))
         return path
 
-    def engine(self, precision: str, batch: int) -> tuple[Path, BatchProfile]:
+    def engine(self, precision: str, batch: int, tf32: bool = False) -> tuple[Path, BatchProfile]:
         """The TensorRT plan that benchmarks ``precision`` at ``batch``, built for this TensorRT, GPU and platform,
         and its profile: batches 1 to ``batch``, tuned for ``batch`` (opt), so each row runs kernels chosen
-        for its own batch."""
+        for its own batch. ``tf32``: FP32 layers may use TF32 (FP32 plans only). It is verified against the
+        PyTorch logits its ONNX recorded, with the gate of its precision and weights (``engine_from_onnx``)."""
         from .pipeline import engine_from_onnx
         from .trt import BatchProfile, BuildOptions, runtime_info
 
         running = runtime_info()
         profile = BatchProfile(1, batch, batch)
-        plan, cache = self.engine_files(precision, profile, running)
+        tf32 = tf32 and precision == "fp32"
+        plan, cache = self.engine_files(precision, profile, running, tf32)
         if not self.reusable(plan, running):
             engine_from_onnx(self.onnx(precision, "trt"), plan, profile=profile,
-                             options=BuildOptions(timing_cache=str(cache)))
+                             options=BuildOptions(timing_cache=str(cache), tf32=tf32))
         return plan, profile
 
-    def engine_files(self, precision: str, profile: BatchProfile, running: RuntimeInfo) -> tuple[Path, Path]:
+    def engine_files(self, precision: str, profile: BatchProfile, running: RuntimeInfo,
+                     tf32: bool = False) -> tuple[Path, Path]:
         """Where the plan of ``profile`` and the timing cache for ``running`` (``runtime_info()``) live.
 
         Both are named after the TensorRT version, GPU model, compute capability and platform
         (``engine_key``): a plan or cache from before an upgrade, or from another GPU sharing the
-        folder, is never picked up.
+        folder, is never picked up. A plan built with TF32 says so in its name.
         """
         from .trt import engine_key
 
         key = engine_key(running)
-        suffix = f"-{self.calib_key}" if precision == "int8" else ""
+        suffix = f"-{self.calib_key}" if precision == "int8" else "-tf32" if tf32 else ""
         shape = f"b{profile.min}-{profile.opt}-{profile.max}"
         return self.folder / f"{precision}{suffix}-{shape}-{key}.plan", self.folder / f"timing-{key}.cache"
 
@@ -454,7 +457,7 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
     if backend == "trt":
         timed: list[Timed] = []
         for batch in settings.batch_sizes:
-            plan, profile = artifacts.engine(precision, batch)
+            plan, profile = artifacts.engine(precision, batch, settings.tf32)
             timed += plan_runners(plan, f"profile {profile.min}/{profile.opt}/{profile.max}", batch, settings)
         return timed
     if backend == "openvino":
@@ -475,9 +478,12 @@ def plan_runners(plan: Path, shape: str, batch: int | None, settings: Settings, 
     for cuda_graph in graphs:
         runner = TrtRunner(plan, cuda_graph=cuda_graph, manifest=manifest)
         what = "CUDA graph, " if cuda_graph else ""
-        timed.append(Timed(f"{gpu.clock} on the engine's stream, inputs on device, {what}{shape}", runner,
-                           functools.partial(gpu.time, stream=runner.stream), batch, name, cuda_graph=cuda_graph))
-    timed.append(Timed(f"wall clock, with host-device copies, {shape}", timed[0].runner, None, batch, name))
+        built = runner.manifest or {}
+        tf32 = (built.get("options") or {}).get("tf32") if (built.get("precision") or {}).get("dtype") == "fp32" else None
+        label = ("" if tf32 is None else f"TF32 {'on' if tf32 else 'off'}, ") + shape
+        timed.append(Timed(f"{gpu.clock} on the engine's stream, inputs on device, {what}{label}", runner,
+                           functools.partial(gpu.time, stream=runner.stream), batch, name, tf32, cuda_graph))
+    timed.append(Timed(f"wall clock, with host-device copies, {label}", timed[0].runner, None, batch, name, tf32))
     return timed
 
 
@@ -709,21 +715,19 @@ def mark_fastest(rows: list[Row]) -> None:
 # --------------------------------------------------------------------------- a plan you bring
 
 
-def plan_reference(plan: Path, manifest: dict | None):
-    """What a plan's outputs are checked against, from its manifest: the FP32 ONNX its ONNX was made from, else
-    that ONNX itself, on ONNX Runtime; returns the runner (None when nothing can be) and what it is in words."""
-    from .pipeline import recorded_source
-    from .runners import OrtRunner
+def plan_reference(manifest: dict | None, seed: int = 0):
+    """What a plan's outputs are checked against, from its manifest: the inputs and logits its ONNX recorded (else
+    that ONNX on ONNX Runtime, ``pipeline.recorded_reference``); returns the inputs and logits (None when nothing
+    can be) and what they are in words."""
+    from .pipeline import recorded_reference
 
     if manifest is None:
         return None, "outputs not checked: the plan has no manifest, so nothing says which model it is"
     onnx = Path(manifest.get("onnx", ""))
     if not onnx.is_file():
         return None, f"outputs not checked: its ONNX {onnx} (named by its manifest) is not here"
-    fp32 = recorded_source(onnx)
-    if fp32 is not None:
-        return OrtRunner(fp32), f"checked against {fp32.name} on ONNX Runtime, the FP32 ONNX {onnx.name} was made from"
-    return OrtRunner(onnx), f"checked against {onnx.name} on ONNX Runtime, the ONNX it was built from"
+    inputs, logits, described = recorded_reference(onnx, seed=seed)
+    return (inputs, logits), f"checked against {described}"
 
 
 def run_plan(plan: Path, settings: Settings, seed: int = 0) -> tuple[list[Row], dict]:
@@ -739,7 +743,7 @@ def run_plan(plan: Path, settings: Settings, seed: int = 0) -> tuple[list[Row], 
     precision = ((manifest or {}).get("precision") or {}).get("dtype", "unknown")
     probe = TrtRunner(plan, manifest=manifest)
     low, high = probe.profile_min_batch, probe.profile_max_batch
-    reference, said = plan_reference(plan, manifest)
+    reference, said = plan_reference(manifest, seed)
     log.info(f"{plan.name}: {said}")
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
@@ -750,10 +754,12 @@ def run_plan(plan: Path, settings: Settings, seed: int = 0) -> tuple[list[Row], 
                 rows.append(Row("trt", precision, batch, "skipped", f"outside the plan's profile (batch {low} to {high})"))
                 advance()
                 continue
-            x = rng.standard_normal((batch, *probe.input_chw), dtype=np.float32)
+            x, expected = rng.standard_normal((batch, *probe.input_chw), dtype=np.float32), None
+            if reference is not None:  # the recorded inputs, repeated to fill the batch, and their logits
+                inputs, expected = covering(reference[0], [batch], reference[1])
+                x, expected = inputs.array[:batch], expected[:batch]
             runners = plan_runners(plan, f"profile {low}/{probe.profile_opt_batch}/{high}", batch, settings, manifest)
-            new = check_runners("trt", precision, batch, runners, x, reference.infer(x) if reference else None,
-                                settings, note=f"{plan.name}: {said}")
+            new = check_runners("trt", precision, batch, runners, x, expected, settings, note=f"{plan.name}: {said}")
             slots += new
             rows += [slot.row for slot in new]
             advance()

@@ -155,9 +155,9 @@ def gpu_caveat(built: dict, running: RuntimeInfo) -> str | None:
             "hardware compatibility only on the GPU model that built it; verify it here, or rebuild it here")
 
 
-def profile_batch_sizes(min_batch: int, max_batch: int) -> list[int]:
-    """Batch sizes to verify an engine at: the profile's smallest and largest (one when they are equal)."""
-    return [min_batch] if min_batch == max_batch else [min_batch, max_batch]
+def profile_batch_sizes(min_batch: int, opt_batch: int, max_batch: int) -> list[int]:
+    """Batch sizes to verify an engine at: its profile's smallest, tuned-for and largest, each once."""
+    return sorted({min_batch, opt_batch, max_batch})
 
 
 #: TensorRT I/O data types (``trt.DataType`` member names) and the torch dtypes used as their buffers.
@@ -190,8 +190,9 @@ def write_timing_cache(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def merge_timing_cache(path: str | Path, merge: Callable[[bytes], bytes]) -> None:
-    """Write ``merge(what the file holds now)`` to the timing cache at ``path``, holding a lock throughout.
+def merge_timing_cache(path: str | Path, merge: Callable[[bytes], bytes | None]) -> None:
+    """Write ``merge(what the file holds now)`` to the timing cache at ``path``, holding a lock throughout; a merge
+    that returns None leaves the file as it is.
 
     As Polygraphy's EngineBytesFromNetwork saves a cache (backend/trt/loader.py: ``util.LockFile``, load,
     ``combine``, save) and NVIDIA's samples do (shared/utils/cacheUtils.h, ``updateTimingCacheFile``:
@@ -203,7 +204,9 @@ def merge_timing_cache(path: str | Path, merge: Callable[[bytes], bytes]) -> Non
 
     with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        write_timing_cache(path, merge(read_timing_cache(path)))
+        merged = merge(read_timing_cache(path))
+        if merged is not None:
+            write_timing_cache(path, merged)
 
 
 def engine_key(runtime: RuntimeInfo) -> str:
@@ -241,14 +244,23 @@ def engine_layers(information: dict) -> list[dict] | None:
     def precisions(tensors: list[dict]) -> list[str]:
         return [format_precision(t.get("Format/Datatype", "")) for t in tensors]
 
-    return [{"name": layer.get("Name", ""), "type": layer.get("LayerType", ""),
+    def convolution(layer: dict) -> bool:
+        kinds = {layer.get("ParameterType"), layer.get("ConvParameterType")} - {None}
+        return "Convolution" in kinds if kinds else "Conv" in layer.get("LayerType", "")
+
+    return [{"name": layer.get("Name", ""), "type": layer.get("LayerType", ""), "convolution": convolution(layer),
              "inputs": precisions(layer.get("Inputs", [])), "outputs": precisions(layer.get("Outputs", [])),
              "tactic": layer.get("TacticName") or layer.get("TacticValue") or ""} for layer in layers]
 
 
 def convolution_precisions(layers: list[dict]) -> dict[str, int]:
-    """How many convolution layers take each input precision: where the INT8 convs of a Q/DQ model show."""
-    return dict(Counter(layer["inputs"][0] for layer in layers if "Convolution" in layer["type"] and layer["inputs"]))
+    """How many convolution layers take each input precision: where the INT8 convs of a Q/DQ model show.
+
+    A convolution is a layer whose inspector parameters are a convolution's: ``ParameterType`` "Convolution"
+    (``CaskConvolution`` and its kin) or ``ConvParameterType`` "Convolution" (a fused ``ConvActPool``, the stem of
+    NVIDIA's INT8 ResNet-18 example); the layer type itself only when the inspector gives no parameter types.
+    """
+    return dict(Counter(layer["inputs"][0] for layer in layers if layer["inputs"] and layer["convolution"]))
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -328,6 +340,9 @@ class BuildOptions:
     builder_optimization_level: int | None = None
     version_compatible: bool = False
     hardware_compatible: bool = False
+    #: FP32 layers may compute in TF32 (10 mantissa bits): TensorRT's default, trtexec's and Torch-TensorRT's;
+    #: off here unless asked, so that an FP32 plan computes in FP32 (its gate is then FP32's).
+    tf32: bool = False
 
 
 @functools.cache
@@ -393,9 +408,12 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     builder = trt.Builder(logger())
     network, _parser = _strongly_typed_network(builder, onnx_path, logger())
     config = builder.create_builder_config()
-    # TF32 is on by default; Polygraphy's CreateConfig clears it unless asked (backend/trt/config.py), so
-    # FP32 layers compute in FP32 and the FP32 gate compares like with like.
-    config.clear_flag(trt.BuilderFlag.TF32)
+    # TF32 is on by default (trtexec and Torch-TensorRT keep it); Polygraphy's CreateConfig clears it unless asked
+    # (backend/trt/config.py). Off unless `tf32`, so FP32 layers compute in FP32; the manifest says which.
+    if options.tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
     # Layer formats and tactics in the plan, so that `inspect` shows each layer's precision (Polygraphy's
     # CreateConfig defaults to DETAILED too; the default, LAYER_NAMES_ONLY, keeps names only).
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
@@ -411,10 +429,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if options.hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    cache = config.create_timing_cache(read_timing_cache(options.timing_cache))
-    if cache is None:  # createTimingCache returns null for a blob it cannot read (samples' cacheUtils checks it)
-        raise EngineError(f"timing cache {options.timing_cache} cannot be read by this TensorRT: "
-                          "delete it or give another `timing_cache` path")
+    cache = timing_cache_from(config, read_timing_cache(options.timing_cache), options.timing_cache)
     # IBuilderConfig::setTimingCache returns false when the cache was made by another TensorRT or GPU
     # (NvInfer.h); ignoring that would build without it and then overwrite the user's file.
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -442,14 +457,41 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     )
 
 
-def _combined_cache(config, cache, saved: bytes) -> bytes:
-    """``cache`` with the entries of the ``saved`` bytes another build wrote meanwhile, serialized."""
+def timing_cache_from(config, blob: bytes, path) -> object:
+    """The ITimingCache of ``blob`` (empty: a new cache), or an EngineError when TensorRT cannot read it.
+
+    TensorRT's answer to a blob it cannot read is not one thing: createTimingCache returns null (NVIDIA's samples,
+    shared/utils/cacheUtils.cpp, check for it), the binding may raise (Polygraphy's loader guards the call), or a
+    cache with none of the blob's entries comes back, which would let the build go on and overwrite the file. All
+    three are refused, and the file is left as it is.
+    """
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:  # the bindings raise their own types
+        cache = None
+    if cache is not None and blob:
+        empty = bytes(config.create_timing_cache(b"").serialize())
+        if bytes(cache.serialize()) == empty and blob != empty:
+            cache = None  # a non-empty blob read as an empty cache: nothing of it was read
+    if cache is None:
+        raise EngineError(f"timing cache {path} cannot be read by this TensorRT: it is left as it is; delete it or "
+                          "give another `timing_cache` path")
+    return cache
+
+
+def _combined_cache(config, cache, saved: bytes) -> bytes | None:
+    """``cache`` with the entries of the ``saved`` bytes another build wrote meanwhile, serialized; None (the file is
+    left as it is) when those cannot be read or merged."""
     if saved:
-        other = config.create_timing_cache(saved)
+        try:
+            other = timing_cache_from(config, saved, "on disk")
+        except EngineError:
+            other = None
         # ITimingCache::combine returns false when the other cache is from another TensorRT or GPU (NvInfer.h).
         if other is None or not cache.combine(other, ignore_mismatch=False):
-            log.warning("the timing cache on disk could not be merged (another TensorRT or GPU wrote it): "
-                        "it is replaced by this build's")
+            log.warning("the timing cache on disk could not be merged (another TensorRT or GPU wrote it, or it cannot "
+                        "be read): it is left as it is and this build's timings are not saved")
+            return None
     return bytes(cache.serialize())
 
 
@@ -575,7 +617,7 @@ class TrtRunner:
             # The input was made (and cast) on torch's current stream: order the engine's stream after it.
             self.device.follow_current(self.stream, batch)
             with self.device.on(self.stream):
-                batch = batch.to(self._dtypes[self.input_name]).contiguous()
+                batch = self._engine_buffer(batch)
                 if self.cuda_graph and shape in self._graphs:
                     graph, static_in, static_out = self._graphs[shape][1:]
                     static_in.copy_(batch)
@@ -586,6 +628,17 @@ class TrtRunner:
                 out = self._bind(self.context, batch, shape)
                 self._execute(self.context)
                 return out
+
+    def _engine_buffer(self, batch):
+        """``batch`` as TensorRT may read it: the engine's input type, contiguous, and at a 256-byte aligned address
+        (setTensorAddress refuses others, NvInferRuntime.h), so a view at an offset or a cast copy made by torch's
+        host allocator is copied into a buffer of the device's own."""
+        dtype = self._dtypes[self.input_name]
+        if batch.dtype == dtype and batch.is_contiguous() and batch.data_ptr() % 256 == 0:
+            return batch
+        buffer = self.device.empty(tuple(batch.shape), dtype)
+        buffer.copy_(batch)
+        return buffer
 
     def infer_device(self, batch):
         """Run a tensor already on the device; returns the device output tensor, complete (no host copies)."""
@@ -603,7 +656,8 @@ class TrtRunner:
         A failed capture turns CUDA graphs off for this runner: every shape runs plain enqueues from then on.
         """
         context = self._new_context()
-        static_in = batch.clone()
+        static_in = self.device.empty(shape, batch.dtype)
+        static_in.copy_(batch)
         static_out = self._bind(context, static_in, shape)
         self._execute(context)
         try:

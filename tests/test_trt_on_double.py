@@ -50,7 +50,8 @@ def test_trt_writes_a_plan_and_a_manifest_that_says_it_was_the_double(fp32_plan,
     manifest = manifest_of(fp32_plan)
     assert manifest["tensorrt"] == double.__version__ and manifest["tensorrt"].endswith("+double")
     assert manifest["gpu"] == HOST_GPU and manifest["platform"] and manifest["cuda_driver"] is None
-    assert manifest["verification"]["passed"] and manifest["verification"]["batch_sizes"] == [1, 8]
+    assert manifest["verification"]["passed"] and manifest["verification"]["batch_sizes"] == [1, 4, 8]
+    assert manifest["options"]["tf32"] is False and "Built with: TF32 off" in run("inspect", fp32_plan).stdout
     assert manifest["profile"] == {"input": "input", "min": [1, 3, 64, 64], "opt": [4, 3, 64, 64],
                                    "max": [8, 3, 64, 64]}
     assert manifest["io"] == [{"name": "input", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 64, 64]},
@@ -70,18 +71,20 @@ def test_every_build_option_reaches_the_builder_and_its_manifest(trt_double, res
     monkeypatch.setattr(double.Builder, "build_serialized_network", spy)
     out, cache = tmp_path / "opts.plan", tmp_path / "timing.cache"
     result = run("trt", "--onnx", resnet18_onnx.path, "--workspace", "512", "--timing-cache", cache,
-                 "--builder-opt-level", "1", "--version-compatible", "--hardware-compat",
+                 "--builder-opt-level", "1", "--version-compatible", "--hardware-compat", "--tf32",
                  "--min-batch", "1", "--opt-batch", "2", "--max-batch", "4", "-o", out)
     assert result.exit_code == 0, result.output
     config, = seen
     assert config._pools == {double.MemoryPoolType.WORKSPACE: 512 << 20} and config.builder_optimization_level == 1
-    assert config.get_flag(double.BuilderFlag.VERSION_COMPATIBLE) and not config.get_flag(double.BuilderFlag.TF32)
+    assert config.get_flag(double.BuilderFlag.VERSION_COMPATIBLE) and config.get_flag(double.BuilderFlag.TF32)
     assert config.hardware_compatibility_level == double.HardwareCompatibilityLevel.AMPERE_PLUS
     assert config.profiling_verbosity == double.ProfilingVerbosity.DETAILED
     assert config._profiles[0]._shapes == {"input": ((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))}
     manifest = manifest_of(out)
     assert manifest["options"] == {"workspace_mib": 512, "timing_cache": str(cache), "builder_optimization_level": 1,
-                                   "version_compatible": True, "hardware_compatible": True}
+                                   "version_compatible": True, "hardware_compatible": True, "tf32": True}
+    assert manifest["verification"]["gate"]["min_cosine"] == 0.999  # TF32: FP16's gate, not FP32's
+    assert "Built with: TF32 on, version compatible, hardware compatible" in run("inspect", out).stdout
     assert json.loads(cache.read_bytes())["entries"]  # saved after the build, with what it tuned
 
 
@@ -90,7 +93,7 @@ def test_fp16_plan_from_the_cli(trt_double, resnet18_onnx, tmp_path):
     plan = tmp_path / "r18.plan"
     result = run("trt", "--onnx", resnet18_onnx.path, "--fp16", "--opt-batch", "4", "--max-batch", "4", "-o", plan)
     assert result.exit_code == 0, result.output
-    assert "FP16 engine, TensorRT 10.16.1.11+double" in result.stdout
+    assert "FP16 engine (TF32 off), TensorRT 10.16.1.11+double" in result.stdout
     manifest = manifest_of(plan)
     assert manifest["precision"]["dtype"] == "fp16" and manifest["verification"]["passed"]
     assert manifest["onnx"] == str(tmp_path / "r18.fp16.onnx")
@@ -130,7 +133,7 @@ def test_int8_plan_from_a_trained_model_verifies_inspects_and_predicts(trt_doubl
 def test_verify_and_predict_a_plan(fp32_plan, checkpoint, tmp_path):
     result = run("verify", fp32_plan, *MODEL, "--weights", checkpoint, "--images", IMAGES)
     assert result.exit_code == 0, result.output
-    assert "FP32 (from its manifest) vs PyTorch on 6 images" in result.stdout and "PASS" in result.stdout
+    assert "FP32 (from its manifest) vs PyTorch FP32 on 6 images" in result.stdout and "PASS" in result.stdout
     out = tmp_path / "top.csv"
     predicted = run("predict", fp32_plan, IMAGES, "-o", out, "--batch", "4")
     assert predicted.exit_code == 0, predicted.output
@@ -342,3 +345,38 @@ def test_bench_on_another_gpu_model_builds_its_own_plans_and_cache(trt_double, t
         assert {r["status"] for r in rows} == {"ok"}, rows
     assert len(list((report / "artifacts").rglob("timing-*.cache"))) == 2
     assert len(list((report / "artifacts").rglob("*.plan"))) == 2
+
+
+@pytest.mark.slow
+def test_an_int8_onnx_handed_off_alone_gates_its_plan_against_what_it_stands_for(trt_double, digits_r18, tmp_path,
+                                                                                 monkeypatch):
+    """The README's hand-off: `quantize` on one machine, the INT8 ONNX copied alone (no manifest) to another, `trt
+    --onnx` there. Its plan is gated against the logits the ONNX recorded at quantize time (the FP32 ONNX's, which
+    matched PyTorch), never against itself on ONNX Runtime, and says so; `verify PLAN` needs no model for it; the
+    inspector counts every INT8 conv, the stem fused with its pooling (ConvActPool) included; a doctored plan fails."""
+    import shutil
+
+    from resnet_export.onnx_graph import quantized_convs
+
+    made, elsewhere = tmp_path / "cpu-machine", tmp_path / "gpu-machine"
+    made.mkdir(), elsewhere.mkdir()
+    quantized = run("quantize", digits_r18.fp32, "--int8", "--calib", digits_r18.train, "--calib-size", "64",
+                    "--val", digits_r18.val, "-o", made / "r18.int8.onnx")
+    assert quantized.exit_code == 0, quantized.output
+    shutil.copyfile(made / "r18.int8.onnx", elsewhere / "r18.int8.onnx")
+    plan = elsewhere / "r18.plan"
+    built = run("trt", "--onnx", elsewhere / "r18.int8.onnx", "--max-batch", "16", "-o", plan)
+    assert built.exit_code == 0, built.output
+    line = built.stdout.strip().splitlines()[-1]
+    assert "INT8 engine" in line and "(on ONNX Runtime; it matched PyTorch FP32 to a relative error of" \
+        in line and "logits recorded at quantize time on" in line and "(batches 1,8,16)" in line, line
+    assert "records no reference" not in line
+    verified = run("verify", plan)  # no MODEL: the reference the plan's ONNX carries
+    assert verified.exit_code == 0 and "recorded at quantize time" in verified.stdout, verified.output
+    engine = json.loads(run("inspect", plan, "--json").stdout)["engine"]
+    assert "ConvActPool" in {layer["type"] for layer in engine["layers"]}
+    assert engine["convolutions"] == {"INT8": len(quantized_convs(onnx.load(str(elsewhere / "r18.int8.onnx"))))}
+    run_engine = double.ICudaEngine._run
+    monkeypatch.setattr(double.ICudaEngine, "_run", lambda self, batch: run_engine(self, batch)[:, ::-1].copy())
+    doctored = run("verify", plan)
+    assert doctored.exit_code == 3 and "failed the INT8 gate" in doctored.output, doctored.output

@@ -12,6 +12,20 @@ Every class, method, attribute, keyword and enum member here exists in the real 
 TensorRT 10.1, 10.16 and 11.4 (``tests/test_trt_double.py`` holds it against them). Like TensorRT
 11 it has no weak-typing API: no FP16/INT8 builder flags, no calibrators. Its version carries
 ``+double`` so that every manifest and report made with it says so.
+
+It refuses what TensorRT refuses, each rule from NVIDIA's headers or samples:
+- on 10.x a network created without ``STRONGLY_TYPED`` whose ONNX carries FP16 or Q/DQ types does not build
+  (NvInfer.h, NetworkDefinitionCreationFlag::kSTRONGLY_TYPED; on 11.x the flag is ignored, typing always strong);
+- tensor addresses and an execution context's device memory must be 256-byte aligned (NvInferRuntime.h,
+  setTensorAddress: "The pointer must have at least 256-byte alignment"; setDeviceMemoryV2: "aligned with CUDA
+  memory alignment");
+- a timing-cache blob it cannot read gives no usable cache: by default ``None`` (samples' cacheUtils.cpp checks
+  createTimingCache for nullptr); ``_UNREADABLE_TIMING_CACHE`` makes it raise (Polygraphy's loader guards the call
+  with try/except) or return an empty cache instead, so the toolkit is held to all three;
+- ``execute_async_v3`` queues the run on its stream: it runs when the stream is synchronized (HostDevice).
+Its outputs carry TensorRT-sized rounding (``_ROUNDING``), the same for the same input, and its inspector names
+layers as NVIDIA's does (``CaskConvolution``; ``ConvActPool`` for an INT8 stem conv fused with its pooling, as in
+trt-engine-explorer's A100 QAT ResNet-18 example).
 """
 
 from __future__ import annotations
@@ -26,6 +40,14 @@ import numpy as np
 __version__ = "10.16.1.11+double"
 
 _MAGIC = b"TRT-DOUBLE-PLAN\n"
+
+#: What ``create_timing_cache`` does with a blob it cannot read: "null" (returns None), "raise" or "empty" (an empty
+#: cache, as if the blob held nothing).
+_UNREADABLE_TIMING_CACHE = "null"
+#: Rounding an engine adds to its outputs against ONNX Runtime's, by the precision its ONNX carries: relative to each
+#: logit for FP32 and FP16, one quantization step of the logits (largest |logit| / 127) for INT8.
+_ROUNDING = {"fp32": 1e-6, "fp16": 1e-3, "int8": 1.0}
+_ALIGNMENT = 256
 
 
 class _Enum(enum.IntEnum):
@@ -90,6 +112,18 @@ _ONNX_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 3: DataType.INT8, 6: DataTy
               2: DataType.UINT8, 16: DataType.BF16, 7: DataType.INT64}
 _NUMPY_TYPES = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
                DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8, DataType.INT64: np.int64}
+
+
+def _precision(model) -> str:
+    """The precision an ONNX's types carry: int8 with Q/DQ nodes, fp16 with float16/bfloat16 initializers or casts."""
+    ops = {n.op_type for n in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear"}:
+        return "int8"
+    half = {10, 16}  # FLOAT16, BFLOAT16
+    if any(i.data_type in half for i in model.graph.initializer) or any(
+            a.name == "to" and a.i in half for n in model.graph.node if n.op_type == "Cast" for a in n.attribute):
+        return "fp16"
+    return "fp32"
 
 
 class ILogger:
@@ -272,6 +306,10 @@ class IBuilderConfig:
             saved = json.loads(data)
             return ITimingCache(saved["origin"], set(saved["entries"]))
         except (ValueError, KeyError, TypeError):
+            if _UNREADABLE_TIMING_CACHE == "raise":
+                raise RuntimeError("Failed to deserialize the timing cache") from None
+            if _UNREADABLE_TIMING_CACHE == "empty":
+                return ITimingCache([__version__, *_device()], set())
             return None  # createTimingCache returns null for a blob it cannot read
 
     def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
@@ -302,6 +340,12 @@ class Builder:
         if network._onnx is None or len(config._profiles) != 1 or set(config._profiles[0]._shapes) != inputs:
             self._logger.log(ILogger.ERROR, "the network needs one optimization profile for its input")
             return None
+        strongly_typed = network._creation_flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        typed = _precision(onnx.load_from_string(network._onnx))
+        if __version__.startswith("10.") and not strongly_typed and typed != "fp32":
+            self._logger.log(ILogger.ERROR, f"a weakly typed network (no STRONGLY_TYPED flag) cannot build the {typed} "
+                             "types of this ONNX as typed: TensorRT 10 would run them in FP32")
+            return None
         if config.hardware_compatibility_level == HardwareCompatibilityLevel.AMPERE_PLUS and int(cc.split(".")[0]) < 8:
             self._logger.log(ILogger.ERROR, f"hardware compatibility needs Ampere or newer, not compute capability {cc}")
             return None
@@ -311,6 +355,7 @@ class Builder:
             model = onnx.load_from_string(network._onnx)
             config._cache._entries |= {f"{n.name or n.output[0]}@{opt}" for n in model.graph.node if n.op_type == "Conv"}
         header = {"version": __version__, "gpu": name, "compute_capability": cc, "profile": profile,
+                  "tf32": config.get_flag(BuilderFlag.TF32),
                   "version_compatible": config.get_flag(BuilderFlag.VERSION_COMPATIBLE),
                   "hardware_compatible": config.hardware_compatibility_level != HardwareCompatibilityLevel.NONE,
                   "detailed": config.profiling_verbosity == ProfilingVerbosity.DETAILED}
@@ -384,12 +429,21 @@ class ICudaEngine:
         return EngineInspector(self)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        """The ONNX on ONNX Runtime's CPU provider, float16 QuantizeLinear rounded as the spec says."""
+        """The ONNX on ONNX Runtime's CPU provider (float16 QuantizeLinear rounded as the spec says), with the
+        rounding a real engine of its precision adds (``_ROUNDING``), drawn from the input: the same input, the same
+        output."""
         if self._session is None:
             from resnet_export.runners import OrtRunner
 
             self._session = OrtRunner(self._onnx)
-        return self._session.session.run(None, {self._session.input_name: batch})[0]
+        out = self._session.session.run(None, {self._session.input_name: batch})[0]
+        precision = _precision(self._model)
+        rng = np.random.default_rng(np.frombuffer(np.ascontiguousarray(batch).tobytes()[:4096].ljust(8, b"\0"),
+                                                  np.uint32)[:8])
+        if precision == "int8":
+            step = np.abs(out).max() / 127
+            return (out + rng.uniform(-0.5, 0.5, out.shape) * step * _ROUNDING["int8"]).astype(out.dtype)
+        return (out * (1 + _ROUNDING[precision] * rng.standard_normal(out.shape))).astype(out.dtype)
 
 
 class IExecutionContext:
@@ -400,6 +454,9 @@ class IExecutionContext:
         self._addresses: dict[str, int] = {}
 
     def set_device_memory(self, memory: int, size: int) -> None:
+        if memory % _ALIGNMENT:
+            self._engine._logger.log(ILogger.ERROR, f"device memory at {memory:#x} is not {_ALIGNMENT}-byte aligned")
+            return
         if size < self._engine.device_memory_size_v2:
             self._engine._logger.log(ILogger.ERROR, f"device memory of {size} bytes is below the "
                                    f"{self._engine.device_memory_size_v2} the engine needs")
@@ -425,10 +482,7 @@ class IExecutionContext:
         return tuple(batch if d == -1 else d for d in tensor.shape)
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
-        if name not in self._engine._tensors or not memory:
-            return False
-        itemsize = np.dtype(_NUMPY_TYPES[self._engine.get_tensor_dtype(name)]).itemsize
-        if memory % itemsize:
+        if name not in self._engine._tensors or not memory or memory % _ALIGNMENT:
             return False
         self._addresses[name] = memory
         return True
@@ -444,14 +498,16 @@ class IExecutionContext:
             problem = "a USER_MANAGED context has no device memory (set_device_memory)"
         elif set(self._addresses) != set(self._engine._tensors) or not self._shapes:
             problem = "every input shape and every I/O address must be set before enqueueing"
+        else:
+            from resnet_export import device
+
+            races = [device.current().race(stream, address) for address in
+                     [*self._addresses.values(), *([self._memory[0]] if self._memory else [])]]
+            problem = next((race for race in races if race), None)
         if problem:
             self._engine._logger.log(ILogger.ERROR, problem)
             return False
-        job = self._job(dict(self._shapes), dict(self._addresses))
-        if stream.capturing is not None:
-            stream.capturing.append(job)
-        else:
-            job()
+        stream.enqueue(self._job(dict(self._shapes), dict(self._addresses)))  # runs when the stream gets there
         return True
 
     def _job(self, shapes: dict, addresses: dict):
@@ -497,7 +553,25 @@ class EngineInspector:
                 return "Thirty-two wide channel vectorized row major Int8 format"
             return {10: "Channel major FP16 format where channel % 8 == 0"}.get(types.get(tensor), "Row major linear FP32")
 
-        layers = [{"Name": n.name, "LayerType": "CaskConvolution" if n.op_type == "Conv" else n.op_type,
+        consumers = {}
+        for node in self._engine._model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+
+        def pooled(node) -> bool:  # an INT8 conv whose output (through its activation and Q/DQ) only feeds a MaxPool
+            following = consumers.get(node.output[0], [])
+            while len(following) == 1 and following[0].op_type in ("Relu", "QuantizeLinear", "DequantizeLinear"):
+                following = consumers.get(following[0].output[0], [])
+            return fmt(node.input[0]).endswith("Int8 format") and [n.op_type for n in following] == ["MaxPool"]
+
+        def kind(node) -> dict:
+            if node.op_type != "Conv":
+                return {"LayerType": node.op_type, "ParameterType": node.op_type}
+            if pooled(node):  # as NVIDIA's inspector reports a fused stem (trt-engine-explorer's QAT ResNet-18)
+                return {"LayerType": "ConvActPool", "ParameterType": "ConvActPool", "ConvParameterType": "Convolution"}
+            return {"LayerType": "CaskConvolution", "ParameterType": "Convolution"}
+
+        layers = [{"Name": n.name, **kind(n),
                    "Inputs": [{"Name": i, "Format/Datatype": fmt(i)} for i in n.input[:1]],
                    "Outputs": [{"Name": o, "Format/Datatype": fmt(o)} for o in n.output],
                    "TacticName": "double_onnxruntime_cpu"} for n in nodes]
