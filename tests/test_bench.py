@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from resnet_export.bench_artifacts import Artifacts
 from resnet_export.bench import (
-    Artifacts,
     BenchError,
     Settings,
     latency_stats,
@@ -280,7 +280,7 @@ def test_bench_command_prints_its_report(tmp_path):
 
 
 def test_artifacts_are_keyed_by_everything_that_defines_the_model(tmp_path):
-    from resnet_export.bench import artifact_key
+    from resnet_export.bench_artifacts import artifact_key
     from resnet_export.models import load_model
 
     from .conftest import USER_MODELS
@@ -464,7 +464,7 @@ def test_bench_baseline_gates_regressions_by_row(tmp_path):
 def test_bench_calibrates_on_a_folder_for_min_time_with_the_seed_asked(tmp_path):
     """--calib DIR --calib-size N --seed S --min-time T, as observed: the INT8 file was calibrated on N images
     (the arrays bench saved beside it), the artifacts are keyed by the seed's model, the timed calls fill T."""
-    from resnet_export.bench import artifact_key
+    from resnet_export.bench_artifacts import artifact_key
     from resnet_export.models import load_model
 
     from .conftest import IMAGES
