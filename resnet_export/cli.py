@@ -86,6 +86,24 @@ def _parse_floats(_ctx, _param, value: str | None):
         raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers") from None
 
 
+def _parse_positive_ints(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    items = value.split(",")
+    if not all(item.strip().isdigit() and int(item) > 0 for item in items):
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of positive integers")
+    return tuple(int(item) for item in items)
+
+
+def _parse_opset(_ctx, _param, value: int | None):
+    from .precision import MIN_OPSET
+
+    if value is not None and value < MIN_OPSET:
+        raise click.BadParameter(f"opset {value} is below {MIN_OPSET}, which `quantize` and `trt` need for this ONNX "
+                                 "(ModelOpt's quantizer and AutoCast)")
+    return value
+
+
 def _parse_batch(_ctx, _param, value: str):
     if value == "dynamic":
         return None
@@ -180,7 +198,8 @@ def list_archs() -> None:
 
 @main.command()
 @model_options
-@click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset (default 20).")
+@click.option("--opset", type=int, callback=_parse_opset, default=None,
+              help="ONNX opset (default 20; 19 at least, as quantize and trt need).")
 @click.option("--batch", default="dynamic", callback=_parse_batch, show_default=True, help="'dynamic' or a fixed batch size.")
 @click.option("--images", type=click.Path(path_type=Path), help="Verify on these images (ImageFolder layout gives labels).")
 @click.option("--no-verify", is_flag=True, help="Skip the verification against PyTorch.")
@@ -251,12 +270,11 @@ def precision_options(command):
         def request(required: bool, **more):
             """The PrecisionRequest of these options and the command's own (target, seed, ...)."""
             from .pipeline import PrecisionRequest
-            from .precision import PrecisionError
 
             if fp16 and int8:
-                raise PrecisionError("--fp16 and --int8 exclude each other: choose one")
+                raise click.UsageError("--fp16 and --int8 exclude each other: choose one")
             if required and not (fp16 or int8):
-                raise PrecisionError("choose a precision: --fp16, or --int8 --calib DIR")
+                raise click.UsageError("choose a precision: --fp16, or --int8 --calib DIR")
             return PrecisionRequest("int8" if int8 else "fp16" if fp16 else "fp32", calib=calib, method=calib_method,
                                     calib_size=calib_size, val=val, min_agreement=min_agreement,
                                     min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop, rest=rest, **more)
@@ -360,7 +378,9 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
 @click.option("--images", type=click.Path(path_type=Path), help="Verify on these images (ImageFolder layout gives labels).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Gate to apply (default: the precision the artifact records).")
-def verify_command(artifact, load, seed, images, precision):
+@click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="What runs an ONNX: ONNX Runtime (and its exact run for INT8), or OpenVINO compiled for this CPU.")
+def verify_command(artifact, load, seed, images, precision, backend):
     """Compare an ONNX file or a TensorRT plan with PyTorch, using its precision's gate.
 
     Without MODEL, against the PyTorch logits the artifact (a plan: its ONNX) recorded when it was made.
@@ -369,8 +389,10 @@ def verify_command(artifact, load, seed, images, precision):
     from .pipeline import recorded_verification, verify_artifact
 
     loaded = load() if load.given or images else None
-    precision, origin, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision)
-    line = (f"{artifact}: {precision.upper()} (from {origin}) vs {v.reference} (batches "
+    precision, origin, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision,
+                                           backend=backend)
+    on = " on OpenVINO" if backend == "openvino" else ""
+    line = (f"{artifact}: {precision.upper()} (from {origin}){on} vs {v.reference} (batches "
             f"{','.join(map(str, v.batch_sizes))}), {describe_cpu(cpu_info())}: {v.summary()}")
     recorded = recorded_verification(artifact)
     if recorded and recorded.get("metrics"):
@@ -402,7 +424,8 @@ def predict(artifact, images, top_k, batch, backend, ray_address, workers, resum
 
     result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend,
                             ray_address=ray_address, workers=workers, resume=resume)
-    line = f"{artifact} on {images} ({result.backend}): {result.predicted} images -> {output}"
+    backend = f"{result.backend}; {result.verified}" if result.verified else result.backend
+    line = f"{artifact} on {images} ({backend}): {result.predicted} images -> {output}"
     if result.resumed:
         line += f" ({result.resumed} from the interrupted run)"
     if result.skipped:
@@ -411,6 +434,8 @@ def predict(artifact, images, top_k, batch, backend, ray_address, workers, resum
         line += f"; top-1 accuracy {result.accuracy:.1%}"
     if result.images_per_second:
         line += f"; {result.images_per_second:.1f} img/s"
+    if result.workers is not None:
+        line += f" on Ray, {result.workers} of {workers} workers ran batches"
     click.echo(line)
 
 
@@ -436,7 +461,8 @@ def trend(reports, output):
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances.")
 @click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True, help="Instance kind (a plan: GPU).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True, help="Dynamic batcher queue delay.")
-@click.option("--preferred-batch", callback=_parse_floats, metavar="N[,N,...]", help="Preferred batch sizes (default: none, Triton's advice).")
+@click.option("--preferred-batch", callback=_parse_positive_ints, metavar="N[,N,...]",
+              help="Preferred batch sizes (default: none, Triton's advice).")
 @click.option("--ort-trt", is_flag=True, help="ONNX Runtime's TensorRT accelerator for an ONNX on GPU, with profile shapes.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
               help="Triton backend for an ONNX; openvino runs on CPU instances (the CPU peer for a CPU-target INT8).")
@@ -448,10 +474,10 @@ def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_
     from .triton import TritonRequest, triton_entry
 
     request = TritonRequest(name, model_version, max_batch, instances, kind, max_queue_delay_us,
-                            tuple(int(b) for b in preferred_batch or ()), ort_trt, labels, force, backend)
+                            preferred_batch or (), ort_trt, labels, force, backend)
     result = triton_entry(artifact, repo, request)
-    click.echo(f"{artifact} -> {result.model_dir}: version {model_version}, max_batch_size {result.max_batch_size}, "
-               f"{result.labels or 'no'} labels; config validated as Triton's ModelConfig")
+    click.echo(f"{artifact} -> {result.model_dir}: {result.backend} backend, version {model_version}, max_batch_size "
+               f"{result.max_batch_size}, {result.labels or 'no'} labels; config validated as Triton's ModelConfig")
 
 
 @main.command()

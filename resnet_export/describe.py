@@ -21,14 +21,29 @@ def describe(artifact: str | Path) -> dict:
     # The CPU that verified the artifact when it was made, and this one (INT8 on the CPU depends on both).
     machines = {"verified_on": ((manifest or {}).get("verification") or {}).get("cpu"), "this_machine": cpu_info()}
     if artifact.suffix == ".onnx":
-        return {"artifact": str(artifact), **_describe_onnx(artifact), "cpu": machines, "manifest": manifest}
+        return {"artifact": str(artifact), **_describe_onnx(artifact), "cpu": machines, "manifest": manifest,
+                "serving": _serving(artifact, manifest)}
     return {"artifact": str(artifact), "engine": _describe_engine(artifact), "cpu": machines, "manifest": manifest}
+
+
+def _serving(artifact: Path, manifest: dict | None) -> dict | None:
+    """For a CPU-target INT8 ONNX: OpenVINO's recorded verification, this CPU's kernel class, and whether that
+    result lets ``predict`` serve it with OpenVINO here (without verifying it first)."""
+    from .cpu import cpu_info
+    from .serving import cpu_int8, kernel_class
+
+    if not cpu_int8(artifact):
+        return None
+    recorded = ((manifest or {}).get("backends") or {}).get("openvino")
+    here = kernel_class(cpu_info())
+    return {"openvino": recorded, "this_kernel_class": here,
+            "openvino_verified_here": bool(recorded and recorded["passed"] and recorded["kernel_class"] == here)}
 
 
 def _describe_onnx(path: Path) -> dict:
     import onnx
 
-    from .onnx_graph import graph_inputs, graph_precision, load_onnx, op_counts, qdq_summary, read_metadata
+    from .onnx_graph import graph_inputs, graph_precision, load_onnx, onnx_opset, op_counts, qdq_summary, read_metadata
 
     model = load_onnx(path)
 
@@ -38,7 +53,7 @@ def _describe_onnx(path: Path) -> dict:
 
     metadata = read_metadata(model)
     return {
-        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "opset": onnx_opset(model),
         "inputs": io(graph_inputs(model)),
         "outputs": io(model.graph.output),
         "precision": graph_precision(model),

@@ -50,6 +50,12 @@ def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         raise OnnxError(f"{path} is not an ONNX model ({first_line(exc)})") from exc
 
 
+def onnx_opset(path_or_model) -> int:
+    """The default-domain opset an ONNX file or model declares."""
+    model = load_onnx(path_or_model, load_weights=False) if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def graph_inputs(model: onnx.ModelProto) -> list:
     """The model's real inputs (old exporters also list initializers as graph inputs)."""
     initializers = {init.name for init in model.graph.initializer}

@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .data import Inputs
-from .errors import GateFailed
+from .errors import GateFailed, ResnetExportError
 from .runners import Runner
+
+
+class VerificationError(ResnetExportError):
+    """A comparison that cannot be made (a reference with non-finite outputs)."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,16 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict:
-    """Metrics of ``candidate`` logits against ``reference`` logits, both ``(N, classes)``."""
+    """Metrics of ``candidate`` logits against ``reference`` logits, both ``(N, classes)``.
+
+    ``nonfinite`` counts the candidate's NaN and Inf values (every gate fails on any); a reference with any is an
+    error, since nothing can be measured against it.
+    """
     reference = reference.astype(np.float64)
     candidate = candidate.astype(np.float64)
+    if not np.isfinite(reference).all():
+        raise VerificationError(f"the reference's outputs hold {np.count_nonzero(~np.isfinite(reference))} non-finite "
+                                "value(s) (NaN or Inf): nothing can be compared with them")
     diff = np.abs(reference - candidate)
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
     cosine = (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30)
@@ -130,6 +141,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     kl = (p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(axis=1)
     metrics = {
         "samples": int(reference.shape[0]),
+        "nonfinite": int(np.count_nonzero(~np.isfinite(candidate))),
         "max_abs_err": float(diff.max()),
         "mean_abs_err": float(diff.mean()),
         "max_rel_err": float(diff.max() / max(np.abs(reference).max(), 1e-30)),
@@ -154,6 +166,8 @@ def gate_failures(metrics: dict, gate: Gate, slack: int = 0, distinct: int | Non
     hold (rows repeat when inputs were repeated to fill an engine's batches).
     """
     failures = []
+    if metrics.get("nonfinite"):
+        failures.append(f"{metrics['nonfinite']} non-finite value(s) (NaN or Inf) in the outputs")
     allowed = slack / (distinct or metrics["samples"])
     if metrics["top1_agreement"] < gate.min_top1_agreement - allowed:
         failures.append(f"top-1 agreement {metrics['top1_agreement']:.2%} < {gate.min_top1_agreement:.2%}"
@@ -262,7 +276,8 @@ def kernel_gap_message(failures: list[str]) -> str:
     from .cpu import cpu_info, describe_cpu, exact_u8s8
 
     info = cpu_info()
-    cause = ("saturation: no VNNI, u8s8 pairs add in 16 bits; quantize with `cpu_form` portable (7-bit weights)"
-             if not exact_u8s8(info) else "its integer kernels do not compute the Q/DQ graph as written")
+    cause = ("saturation: its u8s8 kernels add pairs of products in 16 bits (measured); quantize with `cpu_form` "
+             "portable (7-bit weights)" if not exact_u8s8(info)
+             else "its integer kernels do not compute the Q/DQ graph as written")
     return (f"ONNX Runtime's fused INT8 run differs from the exact run of the same graph on {describe_cpu(info)} "
             f"({'; '.join(failures)}): {cause}")

@@ -138,9 +138,16 @@ def test_debug_shows_the_traceback():
     assert isinstance(result.exception, ModelError)
 
 
-def test_bad_option_values_are_usage_errors(tmp_path):
-    result = run("onnx", "--input-size", "0x5", "-o", tmp_path / "x.onnx")
-    assert result.exit_code == 2 and "H or HxW" in result.output
+@pytest.mark.parametrize("args, message", [
+    (["onnx", "--input-size", "0x5"], "H or HxW"),
+    (["onnx", "--opset", "18"], "opset 18 is below 19, which `quantize` and `trt` need"),  # refused here, not later
+    (["triton", str(IMAGES), "--repo", "r", "--preferred-batch", "2.7"], "'2.7' is not a comma-separated list of "
+                                                                           "positive integers"),
+    (["triton", str(IMAGES), "--repo", "r", "--preferred-batch", "4,0"], "positive integers"),
+])
+def test_bad_option_values_are_usage_errors_at_the_command_that_took_them(tmp_path, args, message):
+    result = run(*args, "-o", tmp_path / "x.onnx") if args[0] == "onnx" else run(*args)
+    assert_one_line_error(result, message, code=2)
 
 
 def test_python_m_entry_point():

@@ -181,3 +181,12 @@ def test_image_labels_follow_class_names_numbers_or_order(tmp_path, resnet18_sma
 def test_no_silent_fallback_to_the_cpu_provider(resnet18_onnx):
     with pytest.raises(OnnxError, match="could not use CUDAExecutionProvider .*fell back to CPUExecutionProvider"):
         OrtRunner(resnet18_onnx.path, providers=["CUDAExecutionProvider"])
+
+
+def test_the_manifest_records_the_opset_the_file_declares(resnet18_onnx):
+    """Read back from the written file (onnx's own loader), not from what was asked for."""
+    import json
+
+    declared = max(o.version for o in onnx.load(str(resnet18_onnx.path)).opset_import if o.domain in ("", "ai.onnx"))
+    manifest = json.loads(resnet18_onnx.path.with_name(resnet18_onnx.path.name + ".json").read_text())
+    assert manifest["settings"]["opset"] == declared == 20
