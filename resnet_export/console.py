@@ -116,6 +116,16 @@ def print_description(info: dict) -> None:
         for failure in verification.get("failures", []):
             metrics.add_row("failed", escape(failure), "")
         out.print(metrics)
+    serving = info.get("serving")
+    if serving:
+        recorded = serving["openvino"]
+        made = ("not verified on OpenVINO when made" if not recorded else
+                f"OpenVINO {'passed' if recorded['passed'] else 'missed'} its INT8 gate on {recorded['kernel_class']} "
+                "when made")
+        then = ("predict and triton serve it with OpenVINO here" if serving["openvino_verified_here"] else
+                "predict and triton verify OpenVINO here against its recorded reference first, else serve it with "
+                "ONNX Runtime")
+        out.print(f"[bold]Serving[/bold]: {escape(made)}; this CPU is {escape(serving['this_kernel_class'])}: {then}")
     machines = info.get("cpu") or {}
     out.print(f"[bold]Verified on[/bold]: {escape(describe_cpu(machines.get('verified_on') or {}))}; "
               f"[bold]this machine[/bold]: {escape(describe_cpu(machines.get('this_machine') or {}))}")

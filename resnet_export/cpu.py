@@ -7,6 +7,9 @@ Zen 2/3) those kernels multiply with ``vpmaddubsw``, which adds each pair of u8*
 (|w| <= 64, ONNX Runtime's ``reduce_range``; OpenVINO's and NNCF's "overflow fix") bound every pair by
 2 * 255 * 64 = 32640, so the same kernels are exact on every CPU. VNNI (``vpdpbusd``), AMX and ARM64's
 dot products accumulate in 32 bits and are exact with full 8-bit weights.
+
+Which of these this CPU does is measured (``kernel_probe``), once per process, and recorded beside its flags:
+the flags say what the CPU is, the probe what ONNX Runtime's kernels do on it (under an emulator the two differ).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ PEAK_7BIT = 64
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict:
-    """This machine's CPU: vendor, model name, architecture, logical cores and the INT8-relevant flags."""
+    """This machine's CPU: vendor, model name, architecture, logical cores, the INT8-relevant flags, and what its
+    u8s8 kernels were measured to do (``u8s8``: ``kernel_probe.probe``)."""
+    from .kernel_probe import probe
+
     import os
 
     fields: dict[str, str] = {}
@@ -46,27 +52,28 @@ def cpu_info() -> dict:
         "arch": platform.machine(),
         "cores": os.cpu_count(),
         "flags": [flag for flag in INT8_FLAGS if flag in flags],
+        "u8s8": probe(),
     }
 
 
 def exact_u8s8(info: dict) -> bool:
-    """Whether ONNX Runtime's fused u8s8 kernels accumulate without saturating on this CPU (VNNI, AMX, ARM64)."""
+    """Whether ONNX Runtime's fused u8s8 kernels add 8-bit weights' products without saturating on this CPU: as
+    measured (``info["u8s8"]``); for a CPU recorded before the toolkit measured it, as its flags imply (VNNI, AMX and
+    ARM64 add in 32 bits)."""
+    if "u8s8" in info:
+        return not info["u8s8"]["pair_saturation"]
     if info.get("arch") in ("aarch64", "arm64"):
         return True
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(info.get("flags", [])))
 
 
 def describe_cpu(info: dict) -> str:
-    """One phrase for a CPU: model, architecture and flags, e.g. ``AMD EPYC 7B13 (x86_64: avx2)``."""
+    """One phrase for a CPU: model, architecture, flags and, where measured, whether its u8s8 pairs saturate, e.g.
+    ``AMD EPYC 7B13 (x86_64: avx2; u8s8 pairs saturate, measured)``."""
     if not info:
         return "an unrecorded CPU"
     flags = " ".join(info.get("flags") or []) or "no AVX2"
-    return f"{info.get('model') or info.get('vendor') or 'unknown CPU'} ({info.get('arch')}: {flags})"
-
-
-def saturation_risk(info: dict) -> str | None:
-    """Why full 8-bit u8s8 weights may saturate on this CPU, or None where they are exact."""
-    if exact_u8s8(info):
-        return None
-    return (f"{describe_cpu(info)} has no VNNI: ONNX Runtime's fused u8s8 kernels add pairs of products "
-            "in 16 bits and saturate with 8-bit weights")
+    measured = ""
+    if "u8s8" in info:
+        measured = f"; u8s8 pairs {'saturate' if info['u8s8']['pair_saturation'] else 'exact'}, measured"
+    return f"{info.get('model') or info.get('vendor') or 'unknown CPU'} ({info.get('arch')}: {flags}{measured})"

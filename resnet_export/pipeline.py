@@ -30,13 +30,14 @@ from .onnx_graph import (
     graph_precision,
     input_spec,
     load_onnx,
+    onnx_opset,
     onnx_preprocessing,
     qdq_summary,
     read_metadata,
     set_metadata,
 )
 from .preprocessing import Preprocessing, stated
-from .precision import RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
+from .precision import MIN_OPSET, RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
 from .reference_record import attach, make_record, read_record
 from .sensitivity import rank_quantized_convs
@@ -108,7 +109,7 @@ def onnx_from_model(
         stage="onnx",
         precision="fp32",
         source=loaded.source,
-        settings={"opset": opset, "batch": batch or "dynamic", "input": "input", "output": "logits"},
+        settings={"opset": onnx_opset(output), "batch": batch or "dynamic", "input": "input", "output": "logits"},
         preprocessing=loaded.preprocessing.to_dict(),
         fold={**report.to_dict(), "max_rel_err": fold_error, "onnx_level": onnx_report.to_dict()},
         verification=verification.to_dict() if verification else None,
@@ -328,6 +329,9 @@ def precision_from_onnx(
     check_not_input([output], [source, calib, val])
     if precision == "fp32":
         raise PrecisionError("precision_from_onnx makes fp16 or int8; an FP32 ONNX comes from onnx_from_model")
+    if onnx_opset(source) < MIN_OPSET:
+        raise PrecisionError(f"{source} has opset {onnx_opset(source)}; FP16 and INT8 need {MIN_OPSET} or newer "
+                             f"(ModelOpt's quantizer and AutoCast): export it with `opset` {MIN_OPSET} or more")
     trt_int8 = request.trt_int8
     spec = preprocessing or onnx_preprocessing(source)
     metadata = {"preprocessing": spec.to_dict()} if preprocessing else None
@@ -401,6 +405,9 @@ def precision_from_onnx(
                 excluded = ranking
                 path, record, verification = convert(chosen_rest, [name for name, _ in excluded])
         attach(path, make_record(inputs, reference, spec, reference_label, "quantize"))
+        backends = None
+        if precision == "int8" and target == "cpu":
+            backends = _verified_on_openvino(path, reference, inputs, gate)
         with atomic_output(output) as tmp:
             shutil.copyfile(path, tmp)
     source_info = read_metadata(source).get("source", {})
@@ -422,10 +429,26 @@ def precision_from_onnx(
         sensitivity={"excluded": [{"node": n, "added_error": e} for n, e in excluded], "metrics_before": before}
         if searching else None,
         verification=verification.to_dict(),
+        backends=backends,
     )
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (artifact kept)")
     return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights, reference.name,
                            spec)
+
+
+def _verified_on_openvino(path: Path, reference: Runner, inputs: Inputs, gate: Gate) -> dict | None:
+    """A CPU-target INT8 ONNX verified on OpenVINO too (what ``predict`` serves it with by default), against the same
+    reference, inputs and gate: the manifest's ``backends`` section, or None where OpenVINO is not installed."""
+    from .serving import openvino_result, openvino_unavailable, verify_on_openvino
+
+    if openvino_unavailable():
+        return None
+    with task(log, f"Verifying {path.name} on OpenVINO on {inputs.description}"):
+        verification = verify_on_openvino(path, reference, inputs, gate)
+    if not verification.passed:
+        log.warning(f"OpenVINO's INT8 run misses the gate on this CPU ({'; '.join(verification.failures)}): predict and "
+                    "triton will serve this artifact with ONNX Runtime here")
+    return {"openvino": openvino_result(verification)}
 
 
 # --------------------------------------------------------------------------- engines and verification
@@ -550,7 +573,8 @@ def artifact_preprocessing(artifact: Path, loaded: LoadedModel) -> Preprocessing
 
 
 def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images: str | Path | None = None,
-                    seed: int = 0, precision: str | None = None) -> tuple[str, str, Verification]:
+                    seed: int = 0, precision: str | None = None,
+                    backend: str = "ort") -> tuple[str, str, Verification]:
     """Compare an ONNX file or a plan with PyTorch using its precision's gate.
 
     With ``loaded`` (the PyTorch model) on ``images`` or seeded random inputs, preprocessed as the artifact says
@@ -558,8 +582,8 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
     it was made (``reference_record``). The precision, and so the gate, comes from the artifact
     (``artifact_precision``) unless ``precision`` is given; returns it, where it came from, and the
     verification. A plan runs every batch of its profile (smallest, tuned, largest) and is gated as it was built
-    (``plan_gate``). An INT8 ONNX is also run exactly (graph optimizations off): its fused run on this CPU must
-    match.
+    (``plan_gate``). An ONNX runs on ONNX Runtime (``backend`` ort; an INT8 one also exactly, graph optimizations
+    off: its fused run on this CPU must match) or compiled by OpenVINO for this CPU (``backend`` openvino).
     """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):
@@ -572,7 +596,16 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
         log.warning(f"{artifact.name} was verified on {describe_cpu(recorded['cpu'])} when made; "
                     f"re-checking on this machine, {describe_cpu(cpu_info())}")
     onnx_path = artifact if artifact.suffix == ".onnx" else Path((load_manifest(artifact) or {}).get("onnx", ""))
-    candidate = OrtRunner(artifact) if artifact.suffix == ".onnx" else TrtRunner(artifact)
+    if backend not in ("ort", "openvino") or (backend == "openvino" and artifact.suffix != ".onnx"):
+        raise OnnxError(f"`backend` {backend} does not verify {artifact.suffix} files: ort or openvino run an ONNX")
+    if artifact.suffix != ".onnx":
+        candidate = TrtRunner(artifact)
+    elif backend == "openvino":
+        from .runners import OpenVinoRunner
+
+        candidate = OpenVinoRunner(artifact, precision, None)
+    else:
+        candidate = OrtRunner(artifact)
     if loaded is None:
         reference, inputs, described = _recorded_reference(artifact, onnx_path, images)
     else:
@@ -580,7 +613,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
         _check_input_shape(artifact, candidate, spec)
         inputs = image_inputs(images, spec) if images else random_inputs(spec, 8, seed)
         reference, described = TorchRunner(loaded.module), f"{PYTORCH} on {inputs.description}"
-    exact = OrtRunner(artifact, exact=True) if artifact.suffix == ".onnx" and precision == "int8" else None
+    exact = OrtRunner(artifact, exact=True) if isinstance(candidate, OrtRunner) and precision == "int8" else None
     gate, sizes, slack = GATES[precision], None, 0
     if isinstance(candidate, TrtRunner):  # every batch of the engine's optimization profile, as it was built
         options = (load_manifest(artifact) or {}).get("options", {})

@@ -27,6 +27,7 @@ import numpy as np
 
 from .data import DataError, decode_readable, find_images
 from .inference import batch_sizes, label_index, open_artifact, ranked, row
+from .serving import serving_choice
 from .manifest import check_not_input, check_writable_dir
 from .preprocessing import Preprocessing
 from .progress import task
@@ -50,6 +51,8 @@ class PredictResult:
     backend: str = "ort"
     resumed: int = 0  # rows taken over from an interrupted run
     images_per_second: float | None = None  # images predicted by this run / its wall time
+    workers: int | None = None  # on Ray: the actors (processes) that ranked batches, counted from the rows
+    verified: str = ""  # how the backend was verified to serve this artifact here (OpenVINO: serving.serving_choice)
 
 
 def partial_path(output: Path) -> Path:
@@ -118,7 +121,8 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     check_not_input([output, partial], [artifact])
     if partial.exists() and not resume:
         raise DataError(f"{partial} is left from an interrupted run: pass `resume` to continue it, or delete it")
-    runner, spec, backend = open_artifact(artifact, backend)
+    choice = serving_choice(artifact, backend)
+    runner, spec, backend = open_artifact(artifact, choice.backend)
     paths, classes = find_images(images)
     tally = Tally(images, classes, spec)
     done = _read_partial(partial, suffix, top_k) if resume and partial.exists() else {}
@@ -128,6 +132,7 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     if done:
         log.info(f"resuming {partial.name}: {len(done)} images done, {len(todo)} to go")
     skipped: list[str] = []
+    ran_on: set[int] = set()
     start = time.perf_counter()
     new = partial.stat().st_size == 0 if partial.exists() else True
     with open(partial, "a", newline="") as out:
@@ -136,7 +141,7 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
         if ray_address:
             from .predict_ray import rows_on_ray
 
-            batches = rows_on_ray(artifact, backend, spec, todo, top_k, batch, ray_address, workers)
+            batches = rows_on_ray(artifact, backend, spec, todo, top_k, batch, ray_address, workers, ran_on)
         else:
             batches = _rows_locally(runner, spec, todo, top_k, batch)
         for rows, failures, outputs in batches:
@@ -155,7 +160,8 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     os.replace(partial, output)
     predicted_now = tally.rows - len(done)
     rate = predicted_now / elapsed if predicted_now and elapsed > 0 else None
-    return PredictResult(output, tally.rows, skipped, tally.accuracy, backend, len(done), rate)
+    return PredictResult(output, tally.rows, skipped, tally.accuracy, backend, len(done), rate,
+                         len(ran_on) if ray_address else None, choice.verified)
 
 
 def _rows_locally(runner, spec: Preprocessing, paths: list[Path], top_k: int,

@@ -9,6 +9,7 @@ streams them to its partial file exactly as the local path does, so resuming wor
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -59,13 +60,15 @@ class Rank:
         else:
             outputs = np.zeros(len(ok), np.int64)
         return {"path": batch["path"], "error": batch["error"], "indices": indices, "scores": scores,
-                "outputs": outputs}
+                "outputs": outputs, "worker": np.full(len(ok), os.getpid())}
 
 
 def rows_on_ray(artifact: Path, backend: str, spec: Preprocessing, paths: list[Path], top_k: int, batch: int,
-                address: str, workers: int) -> Iterator[tuple[list[dict], list[str], int]]:
+                address: str, workers: int,
+                ran_on: set[int] | None = None) -> Iterator[tuple[list[dict], list[str], int]]:
     """(rows, unreadable files, number of classes) per batch, computed on Ray (``address``: local, auto,
-    ray://...), in the order of ``paths``. A Ray started here is shut down at the end."""
+    ray://...), in the order of ``paths``. ``ran_on`` collects the process ids of the actors that ranked batches.
+    A Ray started here is shut down at the end."""
     try:
         import ray
         from ray.data import ActorPoolStrategy
@@ -99,6 +102,8 @@ def rows_on_ray(artifact: Path, backend: str, spec: Preprocessing, paths: list[P
                         in zip(item["path"][ok], item["indices"][ok], item["scores"][ok])]
                 failures = [f"{Path(path).name} ({error})" for path, error in zip(item["path"][~ok], item["error"][~ok])]
                 advance(len(ok))
+                if ran_on is not None:
+                    ran_on.update(int(pid) for pid in item["worker"])
                 yield rows, failures, int(item["outputs"].max(initial=0))
     finally:
         if started:

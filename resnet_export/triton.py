@@ -136,6 +136,7 @@ class TritonResult:
     config: str
     max_batch_size: int
     labels: int
+    backend: str = "onnxruntime"
 
 
 def sanitize(stem: str) -> str:
@@ -428,6 +429,7 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     """
     artifact, repo = Path(artifact), Path(repo)
     served = describe_artifact(artifact)
+    request = _verified_backend(artifact, request)
     name = request.name or sanitize(artifact.stem)
     class_names = _labels(request.labels) if request.labels else served.class_names
     text, max_batch = build_config(served, name, request, class_names)
@@ -458,7 +460,24 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     if served.build.get("options", {}).get("version_compatible"):
         log.warning(f"{artifact.name} is version-compatible: Triton loads it only when tritonserver runs with "
                     f"{VERSION_COMPATIBLE_FLAG} (see {model_dir / 'README.md'})")
-    return TritonResult(model_dir, text, max_batch, len(class_names or []))
+    return TritonResult(model_dir, text, max_batch, len(class_names or []), backend)
+
+
+def _verified_backend(artifact: Path, request: TritonRequest) -> TritonRequest:
+    """``request``, served by Triton's onnxruntime backend instead of openvino when OpenVINO was not verified to
+    serve this CPU-target INT8 ONNX on this CPU class (``serving.openvino_verified_here``), with a warning."""
+    from dataclasses import replace
+
+    from .serving import cpu_int8, openvino_verified_here
+
+    if request.backend != "openvino" or artifact.suffix != ".onnx" or not cpu_int8(artifact):
+        return request
+    verified, why = openvino_verified_here(artifact)
+    if verified:
+        log.info(f"{artifact.name}: {verified}")
+        return request
+    log.warning(f"{artifact.name}: not served by Triton's openvino backend: {why}; writing an onnxruntime entry")
+    return replace(request, backend="onnxruntime")
 
 
 def _rewrite_note(rewritten: int) -> str:

@@ -92,15 +92,16 @@ def test_predict_on_a_local_ray_cluster_gives_the_same_rows(resnet18_onnx, tmp_p
     (folder / "cup" / "empty.png").write_bytes(b"")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        on_ray = run("predict", resnet18_onnx.path, folder, "--ray", "--workers", "2", "--batch", "4",
+        on_ray = run("predict", resnet18_onnx.path, folder, "--ray", "--workers", "2", "--batch", "1",
                      "-o", tmp_path / "ray.jsonl")
     finally:
         ray.shutdown()
-    local = run("predict", resnet18_onnx.path, folder, "--batch", "4", "-o", tmp_path / "local.jsonl")
+    local = run("predict", resnet18_onnx.path, folder, "--batch", "1", "-o", tmp_path / "local.jsonl")
     assert on_ray.exit_code == 0, on_ray.output
     assert local.exit_code == 0, local.output
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
-    assert "1 unreadable skipped" in on_ray.stdout and "(2 workers)" in on_ray.stderr
+    # counted from the rows (each actor tags its own with its process id), not echoed from the option
+    assert "1 unreadable skipped" in on_ray.stdout and "on Ray, 2 of 2 workers ran batches" in on_ray.stdout
 
 
 @pytest.mark.slow
@@ -214,19 +215,104 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
 
 
 @pytest.mark.slow
-def test_a_cpu_int8_onnx_runs_on_openvino_by_default_and_says_so(resnet18_onnx, tmp_path):
-    from resnet_export.inference import default_onnx_backend
+def this_kernel_class() -> str:
+    """This CPU's kernel class, observed apart from the toolkit: /proc/cpuinfo's flags and a fresh probe run."""
+    import platform
+
+    from resnet_export.baseline import INT8_ISA_ORDER
+    from resnet_export.kernel_probe import differs, saturation_case
+
+    from .test_cpu_int8 import proc_cpuinfo_flags
+
+    isa = next((f for f in INT8_ISA_ORDER if f in (proc_cpuinfo_flags() or [])), "no-avx2")
+    return f"{platform.machine()}-{isa}-u8s8 {'saturating' if differs(*saturation_case()) else 'exact'}"
+
+
+def _perturbed_openvino(monkeypatch):
+    """OpenVINO made to compute something else (a seam on its runner): its logits lose their sign half the time."""
+    from resnet_export.runners import OpenVinoRunner
+
+    infer = OpenVinoRunner.infer
+    monkeypatch.setattr(OpenVinoRunner, "infer", lambda self, batch: infer(self, batch) * np.where(
+        np.arange(infer(self, batch).shape[1]) % 2, -1.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def cpu_int8(resnet18_onnx, tmp_path_factory):
+    pytest.importorskip("openvino")
     from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
 
-    int8 = precision_from_onnx(resnet18_onnx.path, tmp_path / "q.onnx",
+    return precision_from_onnx(resnet18_onnx.path, tmp_path_factory.mktemp("cpu-int8") / "q.onnx",
                                PrecisionRequest("int8", IMAGES, "cpu", calib_size=4, min_agreement=0.0,
                                                 max_accuracy_drop=100)).path
-    assert default_onnx_backend(int8) == "openvino" and default_onnx_backend(resnet18_onnx.path) == "ort"
-    result = run("predict", int8, IMAGES, "-o", tmp_path / "p.jsonl")
+
+
+def test_a_cpu_int8_onnx_is_served_by_openvino_as_verified_on_this_cpu_class(cpu_int8, resnet18_onnx, tmp_path):
+    """quantize --target cpu verifies the artifact on OpenVINO too and records it with this CPU's kernel class;
+    predict then serves it with OpenVINO by default and says how it was verified; --backend ort overrides."""
+    from resnet_export.inference import default_onnx_backend
+
+    manifest = json.loads(cpu_int8.with_name("q.onnx.json").read_text())
+    recorded = manifest["backends"]["openvino"]
+    assert recorded["passed"] and recorded["kernel_class"] == this_kernel_class()
+    assert recorded["metrics"]["samples"] == manifest["verification"]["metrics"]["samples"]  # same inputs
+    assert default_onnx_backend(cpu_int8) == "openvino" and default_onnx_backend(resnet18_onnx.path) == "ort"
+    result = run("predict", cpu_int8, IMAGES, "-o", tmp_path / "p.jsonl")
     assert result.exit_code == 0, result.output
-    assert "(openvino)" in result.stdout
-    forced = run("predict", int8, IMAGES, "--backend", "ort", "-o", tmp_path / "o.jsonl")
+    assert f"(openvino; OpenVINO verified on this CPU class ({this_kernel_class()}) when made: INT8 gate passed)" \
+        in result.stdout
+    forced = run("predict", cpu_int8, IMAGES, "--backend", "ort", "-o", tmp_path / "o.jsonl")
     assert forced.exit_code == 0 and "(ort)" in forced.stdout
+    shown = " ".join(run("inspect", cpu_int8).stdout.split())  # rich wraps lines
+    assert f"Serving: OpenVINO passed its INT8 gate on {this_kernel_class()} when made" in shown
+    assert "serve it with OpenVINO here" in shown
+
+
+def _from_another_cpu_class(artifact, folder):
+    """A copy of ``artifact`` whose manifest says OpenVINO was verified on a CPU of another class."""
+    import shutil
+
+    copy = folder / "moved.onnx"
+    shutil.copyfile(artifact, copy)
+    manifest = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    manifest["backends"]["openvino"]["kernel_class"] = "x86_64-amx_int8-u8s8 exact (another machine)"
+    copy.with_name("moved.onnx.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_on_another_cpu_class_openvino_is_verified_now_or_not_used(cpu_int8, tmp_path, monkeypatch):
+    """Made elsewhere: predict verifies OpenVINO here against the reference the ONNX recorded before serving with it;
+    where OpenVINO computes something else it warns and serves ONNX Runtime, as does triton --backend openvino; and
+    verify --backend openvino fails it by name."""
+    moved = _from_another_cpu_class(cpu_int8, tmp_path)
+    result = run("predict", moved, IMAGES, "-o", tmp_path / "a.jsonl")
+    assert result.exit_code == 0, result.output
+    assert f"(openvino; OpenVINO verified here now ({this_kernel_class()}) on the" in result.stdout
+    assert "inputs moved.onnx recorded: INT8 gate passed)" in result.stdout
+    assert run("verify", moved, "--backend", "openvino").exit_code == 0
+    _perturbed_openvino(monkeypatch)
+    refused = run("predict", moved, IMAGES, "-o", tmp_path / "b.jsonl")
+    assert refused.exit_code == 0, refused.output
+    assert "(ort)" in refused.stdout and "not served by OpenVINO: OpenVINO's run misses the INT8 gate" in refused.stderr
+    entry = run("triton", moved, "--repo", tmp_path / "repo", "--backend", "openvino")
+    assert entry.exit_code == 0 and "onnxruntime backend" in entry.stdout, entry.output
+    assert "not served by Triton's openvino backend" in entry.stderr
+    failed = run("verify", moved, "--backend", "openvino")
+    assert failed.exit_code == 3 and "failed the INT8 gate" in failed.stderr
+
+
+def test_an_artifact_openvino_failed_on_when_made_is_served_by_onnx_runtime(resnet18_onnx, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+
+    _perturbed_openvino(monkeypatch)
+    path = precision_from_onnx(resnet18_onnx.path, tmp_path / "bad.onnx", PrecisionRequest(
+        "int8", IMAGES, "cpu", calib_size=4, min_agreement=0.0, max_accuracy_drop=100)).path  # ONNX Runtime passed
+    recorded = json.loads(path.with_name("bad.onnx.json").read_text())["backends"]["openvino"]
+    assert not recorded["passed"] and any("min cosine" in f for f in recorded["failures"])
+    result = run("predict", path, IMAGES, "-o", tmp_path / "p.jsonl")
+    assert result.exit_code == 0 and "(ort)" in result.stdout, result.output
+    assert "OpenVINO's run missed its gate on this CPU class" in result.stderr
 
 
 def test_resumed_rows_are_scored_once_the_class_count_is_known_and_kept_as_counts(tmp_path):

@@ -253,9 +253,11 @@ def test_inspect_onnx(resnet18_onnx):
     assert info["manifest"]["verification"]["passed"]
     from .test_cpu_int8 import proc_cpuinfo_flags
 
-    recorded = json.loads(resnet18_onnx.path.with_name(resnet18_onnx.path.name + ".json").read_text())
-    assert info["cpu"]["verified_on"] == recorded["verification"]["cpu"]  # the manifest's, as written
-    assert info["cpu"]["this_machine"]["flags"] == (proc_cpuinfo_flags() or [])  # this machine, read apart
+    from resnet_export.kernel_probe import differs, overflow_case, saturation_case
+
+    measured = {"pair_saturation": differs(*saturation_case()), "int32_overflow": differs(*overflow_case())}
+    for machine in ("verified_on", "this_machine"):  # verified here by the session: both this CPU, observed apart
+        assert info["cpu"][machine]["flags"] == (proc_cpuinfo_flags() or []) and info["cpu"][machine]["u8s8"] == measured
     report = run("inspect", resnet18_onnx.path)  # for a person: tables, not JSON
     assert report.exit_code == 0, report.output
     for part in ("Inputs and outputs", "Precision", "Preprocessing: shorter side to 73 (bilinear), center crop 64x64",
