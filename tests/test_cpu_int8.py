@@ -249,10 +249,11 @@ def test_onnx_runtime_integer_gemm_is_exact_on_this_cpu(weight_type):
 # --------------------------------------------------------------------------- trained models, both forms
 
 
-def both_forms(trained) -> dict:
-    """The cpu-target INT8 of a trained model in both weight forms, verified against PyTorch."""
-    out = {}
-    for form in ("portable", "vnni"):
+def both_forms(trained, portable=None) -> dict:
+    """The cpu-target INT8 of a trained model in both weight forms, verified against PyTorch (``portable``: that
+    form's, already made)."""
+    out = {"portable": portable} if portable else {}
+    for form in [f for f in ("portable", "vnni") if f not in out]:
         request = PrecisionRequest("int8", trained.train, "cpu", calib_size=CALIB, val=trained.val, cpu_form=form)
         path = trained.root / f"int8_cpu_{form}.onnx"
         try:
@@ -263,8 +264,8 @@ def both_forms(trained) -> dict:
 
 
 @pytest.fixture(scope="module")
-def digits_forms(digits):
-    return both_forms(digits)
+def digits_forms(digits, digits_cpu_int8):
+    return both_forms(digits, digits_cpu_int8)
 
 
 @pytest.fixture(scope="module")
@@ -308,13 +309,11 @@ def test_vnni_form_is_exact_only_where_products_add_in_32_bits(forms):
 
 
 @pytest.mark.slow
-def test_verify_gates_int8_fidelity_and_applies_the_requested_gate(digits, tmp_path):
+def test_verify_gates_int8_fidelity_and_applies_the_requested_gate(digits, digits_cpu_int8, tmp_path):
     """The saturated artifacts measured kept top-1 on most images while the logits collapsed (min cosine
     0.24-0.62). Shifting every logit of a healthy INT8 artifact by one constant keeps every top-k decision
     and collapses the cosine the same way: the INT8 gate must fail it."""
-    request = PrecisionRequest("int8", digits.train, "cpu", calib_size=CALIB, val=digits.val)
-    healthy = precision_from_onnx(digits.fp32, tmp_path / "int8.onnx", request,
-                                  reference=TorchRunner(digits.model.module))
+    healthy = digits_cpu_int8
     model = onnx.load(str(healthy.path))
     output = model.graph.output[0].name
     for node in model.graph.node:

@@ -27,6 +27,7 @@ def _unchanged(model):
     return path.read_bytes() == data and path.with_name("m.onnx.json").read_bytes() == manifest
 
 
+@pytest.mark.slow
 def test_trt_keeps_its_precision_onnx_apart_from_the_input(model, tmp_path):
     result = run("trt", "--onnx", model[0], "--fp16", "--onnx-only", "-o", tmp_path / "m.plan")
     assert result.exit_code == 0, result.output

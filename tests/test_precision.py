@@ -38,10 +38,8 @@ def int8_trt(digits):
 
 
 @pytest.fixture(scope="module")
-def int8_cpu(digits):
-    return precision_from_onnx(digits.fp32, digits.root / "int8_cpu.onnx",
-                               PrecisionRequest("int8", digits.train, "cpu", calib_size=CALIB, val=digits.val),
-                               reference=TorchRunner(digits.model.module))
+def int8_cpu(digits_cpu_int8):
+    return digits_cpu_int8
 
 
 @pytest.mark.slow
@@ -240,3 +238,29 @@ def test_reused_ranges_are_checked_in_the_artifact(tmp_path):
     written.write_text("TRT-100000-EntropyCalibration2\n")
     with pytest.raises(PrecisionError, match="0 of 0 scales differ"):
         _check_ranges_applied(saved, written, tmp_path / "m.onnx")
+
+
+def report_ort_patched(patch_first: bool, messages) -> None:
+    """Child-process body: patch ONNX Runtime's calibrators as ModelOpt does when it quantizes (if asked), then
+    report through the error channel whether they are ModelOpt's."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    if patch_first:
+        from modelopt.onnx.quantization.ort_patching import patch_ort_modules
+
+        patch_ort_modules(calibrate_per_node=True)
+    patched = MinMaxCalibrater.augment_graph.__module__.startswith("modelopt")
+    messages.put(("error", "patched") if patched else ("done", None))
+
+
+def test_each_quantization_starts_from_an_unpatched_onnx_runtime():
+    """ModelOpt patches ONNX Runtime's quantization modules process-wide when it quantizes: a job after one that
+    patched them still gets ONNX Runtime's own (each job is a fresh child of the preloaded server, or spawned)."""
+    from resnet_export.precision import _run_isolated
+
+    with pytest.raises(PrecisionError, match="patched"):
+        _run_isolated(report_ort_patched, (True,), "patching", 1, "job")  # the patch took, in that child
+    _run_isolated(report_ort_patched, (False,), "after", 1, "job")  # the next child is clean
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    assert not MinMaxCalibrater.augment_graph.__module__.startswith("modelopt")  # nor is this process touched

@@ -101,19 +101,18 @@ def test_quantize_calibrates_on_images_normalised_as_stated(tmp_path):
 
 
 @pytest.mark.slow
-def test_verify_takes_preprocessing_and_gate_from_the_artifact(digits, tmp_path):
+def test_verify_takes_preprocessing_and_gate_from_the_artifact(digits, digits_cpu_int8, tmp_path):
     """A 32x32 INT8 artifact verified with only --model and --weights (the options would say 224x224):
     the artifact's preprocessing and the INT8 gate, from its manifest, its metadata, or its graph."""
-    from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
+    from .conftest import copy_artifact
 
-    int8 = precision_from_onnx(digits.fp32, tmp_path / "int8.onnx",
-                               PrecisionRequest("int8", digits.train, "cpu", calib_size=256, val=digits.val)).path
+    int8 = copy_artifact(digits_cpu_int8.path, tmp_path)
     bare = ["--model", FACTORY, "--weights", str(digits.checkpoint)]
     with_manifest = run("verify", int8, *bare, "--images", digits.val)
     assert with_manifest.exit_code == 0, with_manifest.output
     assert "INT8 (from its manifest)" in with_manifest.stdout and "on 449 images" in with_manifest.stdout
     assert "verifying with the artifact's" in with_manifest.stderr  # MODEL's default (224) is not the artifact's
-    (tmp_path / "int8.onnx.json").unlink()
+    int8.with_name(int8.name + ".json").unlink()
     assert "INT8 (from its metadata)" in run("verify", int8, *bare, "--images", digits.val).stdout
     model = onnx.load(str(int8))
     kept = [p for p in model.metadata_props if not p.key.startswith(META_PREFIX)]

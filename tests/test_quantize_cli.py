@@ -24,6 +24,7 @@ from .test_cli import SMALL, assert_one_line_error, run
 LOOSE = ("--min-agreement", "0", "--max-accuracy-drop", "100")
 
 
+@pytest.mark.slow
 def test_quantize_cpu_int8_on_mixed_channel_images(resnet18_onnx, tmp_path):
     out = tmp_path / "q.onnx"
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu",

@@ -154,15 +154,13 @@ def test_readme_snippet_preprocesses_as_the_toolkit(resnet18_small, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
+def test_fp16_and_int8_onnx_entries(resnet18_onnx, resnet18_cpu_int8, tmp_path, precision):
     from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
 
-    request = PrecisionRequest(precision, calib=IMAGES if precision == "int8" else None,
-                               target="cpu" if precision == "int8" else "trt",
-                               min_agreement=0.0 if precision == "int8" else None,  # random weights
-                               max_accuracy_drop=100 if precision == "int8" else None)
-    made = precision_from_onnx(resnet18_onnx.path, tmp_path / f"r18-{precision}.onnx", request)
-    result = run("triton", made.path, "--repo", tmp_path / "repo", "--ort-trt", "--preferred-batch", "4,8")
+    made = resnet18_cpu_int8 if precision == "int8" else precision_from_onnx(
+        resnet18_onnx.path, tmp_path / "r18-fp16.onnx", PrecisionRequest("fp16")).path
+    result = run("triton", made, "--repo", tmp_path / "repo", "--ort-trt", "--preferred-batch", "4,8",
+                 "--name", f"r18-{precision}")
     assert result.exit_code == 0, result.output
     config = _config(tmp_path / "repo" / f"r18-{precision}")
     assert config.input[0].data_type == model_config_pb2.TYPE_FP32  # FP32 I/O kept by both conversions
@@ -171,11 +169,11 @@ def test_fp16_and_int8_onnx_entries(resnet18_onnx, tmp_path, precision):
     assert parameters["precision_mode"] == precision.upper()
     assert parameters["trt_profile_max_shapes"] == "input:8x3x64x64"
     if precision == "int8":  # the CPU-target INT8 on Triton's openvino backend, checked as OpenVINO reads it
-        result = run("triton", made.path, "--repo", tmp_path / "repo", "--name", "ov", "--backend", "openvino",
+        result = run("triton", made, "--repo", tmp_path / "repo", "--name", "ov", "--backend", "openvino",
                      "--kind", "cpu")
         assert result.exit_code == 0, result.output
         served = tmp_path / "repo" / "ov" / "1" / "model.onnx"
-        assert _config(tmp_path / "repo" / "ov").backend == "openvino" and served.read_bytes() == made.path.read_bytes()
+        assert _config(tmp_path / "repo" / "ov").backend == "openvino" and served.read_bytes() == made.read_bytes()
 
 
 def write_plan(folder, onnx_path, *, profile=(1, 8, 16), options=None, name="r18"):

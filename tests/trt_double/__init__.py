@@ -51,6 +51,8 @@ class HostStream:
         self.handle = next(self._handles)
         self.capturing: list[Callable[[], None]] | None = None
         self.queued: list[Callable[[], None]] = []
+        #: tensors this stream's queued work may still read (CUDA's ``record_stream``): alive until it has run
+        self.recorded: list = []
         #: stream -> the moment (``HostDevice.clock``) this stream last waited for it
         self.waited: dict[HostStream, int] = {}
         self._streams[self.handle] = self
@@ -67,6 +69,7 @@ class HostStream:
         """Run what is queued, in order (what reaching this point of the stream means)."""
         while self.queued:
             self.queued.pop(0)()
+        self.recorded.clear()
 
     @classmethod
     def all_idle(cls) -> bool:
@@ -139,10 +142,11 @@ class HostDevice:
         return stream.handle
 
     def follow_current(self, stream, tensor) -> None:
-        """``stream`` waits for the current stream: what is queued there lands now, before anything after."""
+        """``stream`` waits for the current stream: what is queued there lands now, before anything after; and
+        ``tensor`` lives until ``stream``'s work has run (``record_stream``)."""
         self.current.run_queued()
         stream.waited[self.current] = next(self._moments)
-        self._ran()
+        stream.recorded.append(tensor)
 
     @property
     def current(self) -> HostStream:
