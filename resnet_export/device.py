@@ -155,6 +155,27 @@ class CudaDevice:
 _CUDA = CudaDevice()
 
 
+def libcuda():
+    """The CUDA driver library (libcuda.so.1) through ctypes, or None where there is no driver."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def cuda_gpus() -> int:
+    """How many CUDA GPUs the driver sees (``cuDeviceGetCount``, which honours ``CUDA_VISIBLE_DEVICES`` as torch does),
+    without importing torch: what an ONNX Runtime or OpenVINO process asks before choosing its provider."""
+    import ctypes
+
+    driver, count = libcuda(), ctypes.c_int()
+    if driver is None or driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:  # CUDA_SUCCESS
+        return 0
+    return count.value
+
+
 def current() -> CudaDevice:
     """The device the TensorRT layer and the GPU benchmark rows run on."""
     return _CUDA

@@ -66,11 +66,13 @@ def default_onnx_backend(artifact: Path) -> str:
 
 
 def _ort_providers() -> tuple[str, ...]:
-    """ONNX Runtime's CUDA provider where a GPU is visible, else the CPU's."""
+    """ONNX Runtime's CUDA provider where a GPU is visible, else the CPU's (asked of the driver, not of torch, so
+    that an ONNX Runtime process never imports it)."""
     import onnxruntime as ort
-    import torch
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    from .device import cuda_gpus
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_gpus() > 0:
         return ("CUDAExecutionProvider", "CPUExecutionProvider")
     return ("CPUExecutionProvider",)
 

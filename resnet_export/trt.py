@@ -308,12 +308,8 @@ def cuda_driver_version() -> str | None:
     """The CUDA version the driver supports (libcuda.so.1's ``cuDriverGetVersion``), or None without a driver."""
     import ctypes
 
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int()
-    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:  # CUDA_SUCCESS
+    libcuda, version = device.libcuda(), ctypes.c_int()
+    if libcuda is None or libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:  # CUDA_SUCCESS
         return None
     return cuda_version_text(version.value)
 

@@ -155,6 +155,17 @@ def test_python_m_entry_point():
     assert result.returncode == 0 and "resnet-export, version" in result.stdout
 
 
+def test_serving_an_onnx_on_onnx_runtime_imports_no_torch(resnet18_onnx):
+    """What a Ray actor or a predict process of an ONNX does (open it, run a batch) never imports torch: 2.6 s each."""
+    code = ("import sys, numpy as np\n"
+            "from pathlib import Path\n"
+            "from resnet_export.inference import open_artifact\n"
+            f"runner, spec, backend = open_artifact(Path({str(resnet18_onnx.path)!r}), 'ort')\n"
+            "runner.infer(np.zeros((1, 3, 64, 64), np.float32))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_importing_the_package_imports_no_heavy_library():
     """`import resnet_export` and the CLI module stay light (the API loads lazily); names still resolve."""
     code = ("import sys, resnet_export, resnet_export.cli\n"
