@@ -1,6 +1,7 @@
 """The benchmark harness on a tiny model: rows, stated gaps, error rows, reports."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -432,7 +433,12 @@ def test_bench_baseline_gates_regressions_by_row(tmp_path):
             "--precisions", "fp32", "--batch-sizes", "2", "--warmup", "1", "--iters", "5"]
     assert run(*args, "--report", tmp_path / "base").exit_code == 0
     base = tmp_path / "base" / "report.json"
-    again = run(*args, "--report", tmp_path / "again", "--baseline", base, "--max-regression", "80")
+
+    def report(name):  # a new report folder holding the first run's artifacts, so later runs reuse them
+        shutil.copytree(tmp_path / "base" / "artifacts", tmp_path / name / "artifacts")
+        return tmp_path / name
+
+    again = run(*args, "--report", report("again"), "--baseline", base, "--max-regression", "80")
     assert again.exit_code == 0, again.output  # the same machine against its own fresh baseline (noise < 80%)
     assert "## Compared with" in again.stdout and json.loads((tmp_path / "again" / "report.json").read_text())["compared_with"]
     faster = json.loads(base.read_text())
@@ -441,21 +447,21 @@ def test_bench_baseline_gates_regressions_by_row(tmp_path):
             row["speedup_vs_torch"] *= 100  # far beyond any noise of this run (the torch row alone moved 44% once)
     doctored = tmp_path / "faster.json"
     doctored.write_text(json.dumps(faster))
-    slow = run(*args, "--report", tmp_path / "slow", "--baseline", doctored)
+    slow = run(*args, "--report", report("slow"), "--baseline", doctored)
     assert slow.exit_code == 3 and "regression(s) against" in slow.stderr and "ort fp32 b2" in slow.stderr
     elsewhere = {**faster, "environment": {**faster["environment"], "cpu_flags": ["avx2"], "cores": 64}}
     (tmp_path / "other.json").write_text(json.dumps(elsewhere))
-    other = run(*args, "--report", tmp_path / "other", "--baseline", tmp_path / "other.json")
+    other = run(*args, "--report", report("other"), "--baseline", tmp_path / "other.json")
     assert other.exit_code == 0, other.output
     assert "comparing fidelity only" in other.stderr and "fidelity only" in other.stdout
     folder = tmp_path / "baselines"  # --baseline DIR, as make bench-ci passes: the file of this CPU class
     folder.mkdir()
     (folder / "a-elsewhere.json").write_text(json.dumps(elsewhere))
     (folder / "b-here.json").write_text(json.dumps(faster))
-    picked = run(*args, "--report", tmp_path / "picked", "--baseline", folder)
+    picked = run(*args, "--report", report("picked"), "--baseline", folder)
     assert picked.exit_code == 3 and f"## Compared with {folder / 'b-here.json'}" in picked.stdout
     (folder / "b-here.json").unlink()
-    none = run(*args, "--report", tmp_path / "none", "--baseline", folder)
+    none = run(*args, "--report", report("none"), "--baseline", folder)
     assert none.exit_code == 0 and "nothing compared" in none.stderr and "## Compared with" not in none.stdout
     trend = run("trend", tmp_path, "-o", tmp_path / "trend")  # base, again, slow, other (+ the doctored copies' dirs)
     assert trend.exit_code == 0, trend.output
