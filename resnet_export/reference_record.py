@@ -2,7 +2,8 @@
 
 A plan built from an ONNX, on another machine, must be checked against what the ONNX stands for: PyTorch FP32,
 not the same ONNX replayed on ONNX Runtime. So every ONNX the toolkit verifies carries some of its verification
-inputs and the reference's logits on exactly those inputs, within ``BUDGET`` bytes: it travels with the file,
+inputs and the reference's logits on exactly those inputs, within ``BUDGET`` bytes (two inputs at least, so that a
+plan's rows can be told apart: ``verify.compare``'s centered cosine): it travels with the file,
 however the file is copied. Inputs decoded from images are stored as their 8-bit pixel codes when those rebuild
 the inputs bit for bit (``data.load_image``'s arithmetic); any other input as float16, with the logits computed
 on those float16 values, so inputs and logits always agree exactly.
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 KEY = "reference"  # the metadata key (under the toolkit's prefix)
 BUDGET = 512 * 1024  # bytes of the compressed record, at most
 MAX_SAMPLES = 64
+MIN_SAMPLES = 2  # whatever the budget: one input repeated cannot show a plan answering rows with other rows
 
 
 @dataclass
@@ -83,6 +85,7 @@ def make_record(inputs: Inputs, reference, spec: Preprocessing, source: str, sta
     the compressed arrays in base64 and what they are.
     """
     count = min(MAX_SAMPLES, len(inputs.array))
+    least = min(MIN_SAMPLES, count)
     while True:
         array = np.ascontiguousarray(inputs.array[:count], dtype=np.float32)
         codes = pixel_codes(array, spec)
@@ -94,9 +97,9 @@ def make_record(inputs: Inputs, reference, spec: Preprocessing, source: str, sta
         if labels is not None:
             stored["labels"] = labels[:count]
         blob = _packed(stored)
-        if len(blob) <= BUDGET or count == 1:
+        if len(blob) <= BUDGET or count == least:
             break
-        count = max(1, int(count * BUDGET / len(blob) * 0.95))
+        count = max(least, int(count * BUDGET / len(blob) * 0.95))
     log.info(f"reference recorded in the ONNX: {count} inputs ({'8-bit pixel codes' if codes is not None else 'float16'}"
              f"), {len(blob) / 1024:.0f} kB")
     described = inputs.description if count == len(inputs.array) else f"the first {count} of {inputs.description}"

@@ -1,12 +1,15 @@
 """The gates: non-finite outputs fail every one by name, a non-finite reference is an error, a plan's one-flip slack."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from resnet_export.errors import EXIT_GATE_FAILED
-from resnet_export.verify import GATES, KERNEL_GATE, RANDOM_WEIGHT_PLAN_GATES, VerificationError, compare, gate_failures
+from resnet_export.verify import (GATES, KERNEL_GATE, RANDOM_WEIGHT_PLAN_GATES, Verification, VerificationError, compare,
+                                  gate_failures)
 
 from .conftest import IMAGES
 from .test_cli import assert_one_line_error, run
@@ -76,3 +79,31 @@ def test_verify_fails_an_onnx_that_emits_nan_where_no_decision_changes(resnet18_
     model = ["--arch", "resnet18", "--num-classes", "5", "--input-size", "64"]
     result = run("verify", doctored, *model, "--images", IMAGES, "--precision", "fp32")
     assert_one_line_error(result, "non-finite value(s) (NaN or Inf) in the outputs", code=EXIT_GATE_FAILED)
+
+
+def test_a_random_weight_plan_answering_other_inputs_fails_though_its_logits_look_alike():
+    """A random-weight resnet50 (the toolkit's seeded initialisation, 224x224) answers every input with nearly the same
+    logits, so rows answered for other inputs (a wrong binding, a wrong batch) pass FP16's cosine and relative
+    error; the input-dependent part fails them at FP32 and FP16. Noise of TensorRT's FP16 size (relative 1e-3 of the largest
+    logit) passes."""
+    import torch
+
+    from resnet_export.models import load_model
+
+    model = load_model(arch="resnet50").module.eval()
+    with torch.no_grad():
+        reference = model(torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))).double().numpy()
+    noise = np.random.default_rng(1).standard_normal(reference.shape) * 1e-3 * np.abs(reference).max()
+    for precision in ("fp32", "fp16"):
+        assert gate_failures(compare(reference, reference + noise * (precision == "fp16")),
+                             RANDOM_WEIGHT_PLAN_GATES[precision]) == []
+    for wrong in (np.roll(reference, 1, axis=0), np.repeat(reference[:1], 8, axis=0)):
+        metrics = compare(reference, wrong)
+        assert gate_failures(metrics, replace(RANDOM_WEIGHT_PLAN_GATES["fp16"], min_centered_cosine=None)) == []
+        for precision in ("fp32", "fp16"):
+            failures = gate_failures(metrics, RANDOM_WEIGHT_PLAN_GATES[precision])
+            assert [f for f in failures if "input-dependent part" in f], (precision, failures)
+    one_input = compare(reference[:1].repeat(3, 0), reference[:1].repeat(3, 0))
+    assert one_input["min_centered_cosine"] is None
+    assert "rows not told apart" in Verification(one_input, RANDOM_WEIGHT_PLAN_GATES["fp16"]).summary()
+    assert "checked for collapse only" in Verification(one_input, RANDOM_WEIGHT_PLAN_GATES["int8"]).summary()

@@ -239,12 +239,14 @@ def test_a_random_weight_plan_with_rounding_noise_passes_and_a_wrong_binding_or_
         monkeypatch.setattr(double.ICudaEngine, "_run", run)
 
 
-def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profile_batch(trt_double, tmp_path):
+def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profile_batch(trt_double, tmp_path,
+                                                                                         monkeypatch):
     """An ONNX that carries PyTorch's logits on its verification inputs gates its plan against them, repeated to run
     the profile's smallest, tuned and largest batch, and says so."""
     from resnet_export.data import Inputs
     from resnet_export.pipeline import engine_from_onnx
     from resnet_export.preprocessing import Preprocessing
+    from resnet_export import reference_record
     from resnet_export.reference_record import attach, make_record, read_record
     from resnet_export.runners import OrtRunner
 
@@ -258,3 +260,8 @@ def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profil
     v = result.verification
     assert v.reference == "PyTorch FP32 logits recorded at export time on 3 test inputs"
     assert v.batch_sizes == [2, 4, 5] and v.metrics["samples"] == 11  # every batch full, the 3 inputs repeated
+    assert v.metrics["min_centered_cosine"] > 0.99  # the rows told apart
+
+    monkeypatch.setattr(reference_record, "BUDGET", 1)  # an input too large for the budget (224x224 FP16: 294 kB)
+    kept = make_record(Inputs(_inputs(3), None, "3 test inputs"), OrtRunner(path), spec, "PyTorch FP32", "export")
+    assert kept["samples"] == 2  # two at least, else a plan answering rows with other rows would pass
