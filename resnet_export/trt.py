@@ -453,7 +453,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     )
 
 
-def timing_cache_from(config, blob: bytes, path) -> object:
+def timing_cache_from(config, blob: bytes, path):
     """The ITimingCache of ``blob`` (empty: a new cache), or an EngineError when TensorRT cannot read it.
 
     TensorRT's answer to a blob it cannot read is not one thing: createTimingCache returns null (NVIDIA's samples,
