@@ -129,7 +129,10 @@ def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_o
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                              "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
                              "--temp-dir", temp, "--include-dashboard", "false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a background job (`make test &`, CI) starts with SIGINT ignored; the head would inherit
+                            # that and never stop on the interrupt below (seen: no end in 120 s)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while head.poll() is None and time.time() < deadline:
@@ -144,8 +147,13 @@ def test_predict_starts_and_stops_its_own_ray_and_joins_a_running_one(resnet18_o
         # `ray start --block` stops its cluster on an interrupt in about a second (measured 1.3 s, nothing left
         # running); on SIGTERM it waits out a 30 s graceful shutdown first
         head.send_signal(signal.SIGINT)
-        head.wait(timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        try:
+            head.wait(timeout=60)
+        finally:
+            if head.poll() is None:  # leave no cluster behind, even when this test fails
+                head.terminate()
+                head.wait(timeout=60)
+            shutil.rmtree(temp, ignore_errors=True)
     assert joined.exit_code == 0, joined.output
     local = run("predict", resnet18_onnx.path, IMAGES, "-o", tmp_path / "local.jsonl")
     rows = (tmp_path / "local.jsonl").read_text()
