@@ -144,18 +144,19 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         raise VerificationError(f"the reference's outputs hold {np.count_nonzero(~np.isfinite(reference))} non-finite "
                                 "value(s) (NaN or Inf): nothing can be compared with them")
     diff = np.abs(reference - candidate)
-    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
-    cosine = (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30)
-    k = min(5, reference.shape[1])
-    top_ref = np.argsort(-reference, axis=1)[:, :k]
-    top_cand = np.argsort(-candidate, axis=1)[:, :k]
-    p, q = _softmax(reference), _softmax(candidate)
     mean_row = reference.mean(axis=0)
     centered, moved = reference - mean_row, candidate - mean_row
     spread = np.linalg.norm(centered, axis=1)
     varied = spread > 1e-9 * max(np.abs(reference).max(), 1e-30)
-    centered_cosine = ((centered * moved).sum(axis=1)[varied]
-                       / np.maximum(spread[varied] * np.linalg.norm(moved, axis=1)[varied], 1e-30))
+    with np.errstate(invalid="ignore"):  # a non-finite candidate gives NaN here; the gates fail it by its count
+        norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+        cosine = (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30)
+        centered_cosine = ((centered * moved).sum(axis=1)[varied]
+                           / np.maximum(spread[varied] * np.linalg.norm(moved, axis=1)[varied], 1e-30))
+    k = min(5, reference.shape[1])
+    top_ref = np.argsort(-reference, axis=1)[:, :k]
+    top_cand = np.argsort(-candidate, axis=1)[:, :k]
+    p, q = _softmax(reference), _softmax(candidate)
     kl = (p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(axis=1)
     metrics = {
         "samples": int(reference.shape[0]),
