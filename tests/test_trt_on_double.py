@@ -230,10 +230,13 @@ def test_one_runner_called_from_several_threads_gives_each_call_its_own_output(f
     failures = []
 
     def work(i):
-        for _ in range(5):
-            out = runner.infer(batches[i])
-            if out.shape != expected[i].shape or not np.allclose(out, expected[i], atol=1e-5):
-                failures.append(i)
+        try:
+            for _ in range(5):
+                out = runner.infer(batches[i])
+                if out.shape != expected[i].shape or not np.allclose(out, expected[i], atol=1e-5):
+                    failures.append(i)
+        except Exception as exc:  # an exception in a thread would pass the test unseen
+            failures.append(repr(exc))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:

@@ -507,11 +507,15 @@ class IExecutionContext:
         if problem:
             self._engine._logger.log(ILogger.ERROR, problem)
             return False
-        stream.enqueue(self._job(dict(self._shapes), dict(self._addresses)))  # runs when the stream gets there
+        # What the enqueue was given is what it runs with, whatever this context is set to before the stream gets there
+        outputs = {name: self.get_tensor_shape(name) for name, (mode, _) in self._engine._tensors.items()
+                   if mode == TensorIOMode.OUTPUT}
+        stream.enqueue(self._job(dict(self._shapes), dict(self._addresses), outputs))
         return True
 
-    def _job(self, shapes: dict, addresses: dict):
-        """Read the input at its address, run, write the output at its address: what one enqueue does."""
+    def _job(self, shapes: dict, addresses: dict, outputs: dict):
+        """Read the input at its address, run, write the output (of the shape it had at enqueue) at its address: what
+        one enqueue does."""
         def run() -> None:
             (input_name, shape), = shapes.items()
             dtype = _NUMPY_TYPES[self._engine.get_tensor_dtype(input_name)]
@@ -520,7 +524,7 @@ class IExecutionContext:
             for name, (mode, tensor) in self._engine._tensors.items():
                 if mode == TensorIOMode.OUTPUT:
                     out = np.ascontiguousarray(self._engine._run(batch), _NUMPY_TYPES[tensor.dtype])
-                    assert out.shape == self.get_tensor_shape(name), (out.shape, self.get_tensor_shape(name))
+                    assert out.shape == outputs[name], (out.shape, outputs[name])
                     ctypes.memmove(addresses[name], out.ctypes.data, out.nbytes)
         return run
 
