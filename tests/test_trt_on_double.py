@@ -7,6 +7,7 @@ version ends in ``+double``, its GPU is the double's host device).
 """
 
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -36,14 +37,29 @@ def checkpoint(resnet18_small, tmp_path):
     return path
 
 
-@pytest.fixture
-def fp32_plan(trt_double, resnet18_onnx, tmp_path):
-    """`trt --onnx` on the session's resnet18 ONNX, profile 1..8: a plan and its manifest, on the double."""
-    plan = tmp_path / "r18.plan"
-    result = run("trt", "--onnx", resnet18_onnx.path, "--min-batch", "1", "--opt-batch", "4", "--max-batch", "8",
-                 "-o", plan)
+@pytest.fixture(scope="module")
+def built_fp32_plan(resnet18_onnx, tmp_path_factory):
+    """`trt --onnx` on the session's resnet18 ONNX, profile 1..8: a plan and its manifest, built once on the double."""
+    from resnet_export import trt
+
+    from .trt_double import install
+
+    plan = tmp_path_factory.mktemp("fp32-plan") / "r18.plan"
+    with pytest.MonkeyPatch.context() as patch:
+        install(patch)
+        result = run("trt", "--onnx", resnet18_onnx.path, "--min-batch", "1", "--opt-batch", "4", "--max-batch",
+                     "8", "-o", plan)
+    trt.logger.cache_clear()
     assert result.exit_code == 0, result.output
     return plan
+
+
+@pytest.fixture
+def fp32_plan(trt_double, built_fp32_plan, tmp_path):
+    """This test's copy of the module's plan and everything written beside it (its manifest)."""
+    for path in built_fp32_plan.parent.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    return tmp_path / built_fp32_plan.name
 
 
 def test_trt_writes_a_plan_and_a_manifest_that_says_it_was_the_double(fp32_plan, resnet18_onnx):
