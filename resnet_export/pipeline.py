@@ -485,14 +485,21 @@ def engine_from_onnx(onnx_path: str | Path, output: str | Path, *, profile: Batc
         expected, described = reference, f"{PYTORCH} on {inputs.description}"
     else:
         inputs, expected, described = recorded_reference(onnx_path, max(8, engine.profile_max_batch), seed)
-    gate = plan_gate(precision, weights_random(onnx_path), options.tf32)
-    sizes = profile_batch_sizes(engine.profile_min_batch, engine.profile_opt_batch, engine.profile_max_batch)
+    gate, sizes = _plan_checks(engine, precision, onnx_path, options.tf32)
     verification = verify(expected, engine, inputs, gate, sizes=sizes, cover=True, described_reference=described,
                           slack=1)
     write_manifest(output, stage="engine", **record.to_dict(), verification=verification.to_dict())
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate (vs {verification.reference})",
                                  " (plan kept)")
     return EngineResult(Path(output), record, verification)
+
+
+def _plan_checks(engine: TrtRunner, precision: str, onnx_path: Path, tf32: bool) -> tuple[Gate, list[int]]:
+    """A plan's gate (``plan_gate``, by what its ONNX, where it is here, says of the weights) and the batches it is
+    verified at: its profile's smallest, tuned and largest."""
+    random_weights = Path(onnx_path).is_file() and weights_random(onnx_path)
+    sizes = profile_batch_sizes(engine.profile_min_batch, engine.profile_opt_batch, engine.profile_max_batch)
+    return plan_gate(precision, random_weights, tf32), sizes
 
 
 def recorded_reference(onnx_path: str | Path, count: int = 8, seed: int = 0) -> tuple[Inputs, np.ndarray, str]:
@@ -607,7 +614,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
     else:
         candidate = OrtRunner(artifact)
     if loaded is None:
-        reference, inputs, described = _recorded_reference(artifact, onnx_path, images)
+        inputs, reference, described = _recorded_reference(artifact, onnx_path, images)
     else:
         spec = artifact_preprocessing(artifact, loaded)
         _check_input_shape(artifact, candidate, spec)
@@ -617,9 +624,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
     gate, sizes, slack = GATES[precision], None, 0
     if isinstance(candidate, TrtRunner):  # every batch of the engine's optimization profile, as it was built
         options = (load_manifest(artifact) or {}).get("options", {})
-        gate = plan_gate(precision, onnx_path.is_file() and weights_random(onnx_path), options.get("tf32", False))
-        sizes, slack = profile_batch_sizes(candidate.profile_min_batch, candidate.profile_opt_batch,
-                                           candidate.profile_max_batch), 1
+        (gate, sizes), slack = _plan_checks(candidate, precision, onnx_path, options.get("tf32", False)), 1
     with task(log, f"Verifying {artifact.name} against {described}"):
         verification = verify(reference, candidate, inputs, gate, getattr(candidate, "fixed_batch", None), sizes,
                               exact=exact, cover=sizes is not None, described_reference=described, slack=slack)
@@ -629,7 +634,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
 
 
 def _recorded_reference(artifact: Path, onnx_path: Path, images: str | Path | None):
-    """The reference logits, inputs and words an artifact is verified against when no model is given: what its ONNX
+    """The inputs, reference logits and words an artifact is verified against when no model is given: what its ONNX
     recorded; for a plan whose ONNX recorded nothing, that ONNX on ONNX Runtime (said so)."""
     if images:
         raise OnnxError("`images` need the PyTorch model to compare with: give MODEL too")
@@ -639,8 +644,7 @@ def _recorded_reference(artifact: Path, onnx_path: Path, images: str | Path | No
     if onnx_path == artifact and read_record(onnx_path) is None:
         raise OnnxError(f"{artifact.name} records no reference to verify against; give the model "
                         "(--arch/--model and --weights) to compare with PyTorch")
-    inputs, logits, described = recorded_reference(onnx_path)
-    return logits, inputs, described
+    return recorded_reference(onnx_path)
 
 
 def _check_input_shape(artifact: Path, candidate, spec: Preprocessing) -> None:

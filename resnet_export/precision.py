@@ -31,9 +31,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-#: ModelOpt's ONNX quantizer and AutoCast need opset 19 or newer (float16 QuantizeLinear, their Cast rules).
-MIN_OPSET = 19
-
 from .cpu import CPU_FORMS, PEAK_7BIT
 from .errors import OnnxError, ResnetExportError, first_line
 from .onnx_graph import conv_weight_peak, input_dims, load_onnx, read_metadata, set_metadata
@@ -49,6 +46,8 @@ CALIB_METHODS = {"trt": ("entropy", "max", "percentile"), "cpu": ("minmax", "ent
 DEFAULT_METHOD = {"trt": "entropy", "cpu": "minmax"}
 PERCENTILE = 99.99
 CALIB_BATCH = 32
+#: ModelOpt's ONNX quantizer and AutoCast need opset 19 or newer (float16 QuantizeLinear, their Cast rules).
+MIN_OPSET = 19
 
 
 class PrecisionError(ResnetExportError):

@@ -87,6 +87,9 @@ class TorchRunner:
 OPENVINO_EP = "OpenVINOExecutionProvider"
 
 
+_REGISTERED: set[str] = set()  # plugin EPs this process registered with ONNX Runtime
+
+
 def _openvino_ep_devices() -> list:
     """ONNX Runtime's CPU devices of the OpenVINO plugin EP, its library registered once per process."""
     import onnxruntime as ort
@@ -97,9 +100,6 @@ def _openvino_ep_devices() -> list:
         _REGISTERED.add(plugin.get_ep_name())
     return [d for d in ort.get_ep_devices()
             if d.ep_name == OPENVINO_EP and d.device.type == ort.OrtHardwareDeviceType.CPU]
-
-
-_REGISTERED: set[str] = set()
 
 
 def openvino_ep_unavailable() -> str | None:
