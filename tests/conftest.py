@@ -56,6 +56,14 @@ def resnet18_onnx(tmp_path_factory, resnet18_small):
 
 
 @pytest.fixture(scope="session")
+def resnet18_b4_onnx(tmp_path_factory, resnet18_small):
+    """The session's resnet18 exported at a fixed batch of 4 as ``b4.onnx``, verified, once for the session."""
+    from resnet_export.pipeline import onnx_from_model
+
+    return onnx_from_model(resnet18_small, tmp_path_factory.mktemp("resnet18-b4") / "b4.onnx", batch=4, images=IMAGES)
+
+
+@pytest.fixture(scope="session")
 def resnet18_cpu_int8(resnet18_onnx, tmp_path_factory):
     """The session's resnet18 as a CPU-target INT8 (4 calibration images; random weights, so the gate keeps its
     fidelity part alone), built once; a test that edits it works on a copy."""

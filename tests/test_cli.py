@@ -33,6 +33,7 @@ def assert_one_line_error(result, pattern, code=1):
     assert pattern in lines[-1], lines[-1]
 
 
+@pytest.mark.slow  # arch_summary is in the quick loop (test_models.py); this is the command's 2 s of meta forwards
 def test_list_prints_every_arch():
     result = run("list")
     assert result.exit_code == 0
@@ -52,6 +53,7 @@ def test_onnx_command_exports_and_verifies(tmp_path):
     assert manifest["verification"]["metrics"]["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow  # the quick loop has checkpoints (test_models.py), --no-verify and fixed batches (test_export.py)
 def test_onnx_command_with_checkpoint_and_no_verify(tmp_path):
     ckpt = tmp_path / "w.pth"
     torch.save({"model": load_model(arch="resnet18", num_classes=10).module.state_dict()}, ckpt)

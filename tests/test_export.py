@@ -74,8 +74,8 @@ def test_custom_models_export_and_verify(tmp_path, factory, size):
     assert "accuracy_candidate" not in result.verification.metrics  # 10 classes, 5 folders: no labels
 
 
-def test_fixed_batch(tmp_path, resnet18_small):
-    result = onnx_from_model(resnet18_small, tmp_path / "b4.onnx", batch=4, images=IMAGES)
+def test_fixed_batch(resnet18_b4_onnx):
+    result = resnet18_b4_onnx
     _assert_deployable(result.path, batch=4)
     assert result.verification.batch_sizes == [4, 4] and result.verification.metrics["samples"] == 6
 

@@ -96,10 +96,16 @@ def test_weights_name_of_another_arch():
         load_model(arch="resnet18", weights="ResNet50_Weights.IMAGENET1K_V1")
 
 
+@pytest.fixture(scope="module")
+def resnet18_4() -> torch.nn.Module:
+    """A randomly initialised resnet18 with 4 classes, the source of the checkpoint tests (read, never changed)."""
+    return load_model(arch="resnet18", num_classes=4).module
+
+
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "model_state_dict", "state_dict_ema"])
 @pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.module."])
-def test_checkpoint_wrappers_and_prefixes(tmp_path, wrapper, prefix):
-    source = load_model(arch="resnet18", num_classes=4).module
+def test_checkpoint_wrappers_and_prefixes(tmp_path, resnet18_4, wrapper, prefix):
+    source = resnet18_4
     state = {prefix + k: v for k, v in source.state_dict().items()}
     payload = {wrapper: state, "epoch": 3} if wrapper else state
     path = tmp_path / "ckpt.pth"
@@ -109,17 +115,17 @@ def test_checkpoint_wrappers_and_prefixes(tmp_path, wrapper, prefix):
     assert model.source["weights_sha256"]
 
 
-def test_safetensors_checkpoint(tmp_path):
-    source = load_model(arch="resnet18", num_classes=4).module
+def test_safetensors_checkpoint(tmp_path, resnet18_4):
+    source = resnet18_4
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     model = load_model(arch="resnet18", num_classes=4, weights=str(path), seed=1)
     assert torch.equal(model.module.conv1.weight, source.conv1.weight)
 
 
-def test_checkpoint_of_other_class_count_lists_keys(tmp_path):
+def test_checkpoint_of_other_class_count_lists_keys(tmp_path, resnet18_4):
     path = tmp_path / "c.pth"
-    torch.save(load_model(arch="resnet18", num_classes=4).module.state_dict(), path)
+    torch.save(resnet18_4.state_dict(), path)
     with pytest.raises(CheckpointError) as err:
         load_model(arch="resnet18", num_classes=10, weights=str(path))
     message = str(err.value)

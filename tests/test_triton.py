@@ -51,10 +51,8 @@ def test_fp32_onnx_entry(resnet18_onnx, tmp_path):
     assert 'client.infer("resnet18"' in readme and "class_count=5" in readme
 
 
-def test_fixed_batch_onnx_is_served_without_batching(resnet18_small, tmp_path):
-    from resnet_export.pipeline import onnx_from_model
-
-    fixed = onnx_from_model(resnet18_small, tmp_path / "b4.onnx", batch=4, run_verification=False).path
+def test_fixed_batch_onnx_is_served_without_batching(resnet18_b4_onnx, tmp_path):
+    fixed = resnet18_b4_onnx.path
     result = run("triton", fixed, "--repo", tmp_path / "repo", "--ort-trt")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "repo" / "b4" / "config.pbtxt").read_text()
@@ -68,8 +66,7 @@ def test_fixed_batch_onnx_is_served_without_batching(resnet18_small, tmp_path):
                           "fixed batch: it is served with max_batch_size 0")
 
 
-def test_config_is_checked_against_the_artifact_and_each_check_can_fail(resnet18_onnx, resnet18_small, tmp_path):
-    from resnet_export.pipeline import onnx_from_model
+def test_config_is_checked_against_the_artifact_and_each_check_can_fail(resnet18_onnx, resnet18_b4_onnx, tmp_path):
     from resnet_export.triton import TritonError, check_config
 
     artifact = resnet18_onnx.path
@@ -86,9 +83,8 @@ def test_config_is_checked_against_the_artifact_and_each_check_can_fail(resnet18
     for message, wrong in doctored.items():
         with pytest.raises(TritonError, match=re.escape(message)):
             check_config(wrong, artifact, "r18", 8)
-    fixed = onnx_from_model(resnet18_small, tmp_path / "b4.onnx", batch=4, run_verification=False).path
     with pytest.raises(TritonError, match="batching needs a dynamic dim 0"):  # a batching config on a fixed batch
-        check_config(text, fixed, "r18", 8)
+        check_config(text, resnet18_b4_onnx.path, "r18", 8)
 
 
 def test_openvino_backend_entry_is_checked_against_the_model_as_openvino_reads_it(resnet18_onnx, tmp_path):

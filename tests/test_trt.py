@@ -135,29 +135,17 @@ def test_timing_cache_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
 
 
-def _save_entry(path: str, entry: str, ready) -> None:
-    """One build saving its timing cache: the merge reads what is on disk, takes a while, adds its entry."""
-    import time
-
-    from resnet_export.trt import merge_timing_cache
-
-    def merge(saved: bytes) -> bytes:
-        time.sleep(0.5)  # both builds are inside their save at once unless the lock orders them
-        return b"".join(sorted(set(saved.splitlines(keepends=True)) | {entry.encode() + b"\n"}))
-
-    ready.wait()  # both processes have imported everything: they start saving together
-    merge_timing_cache(path, merge)
-
-
 def test_concurrent_builds_keep_each_others_timing_cache_entries(tmp_path):
     """Two processes save at once; without the lock the last writer would drop the other's entry."""
     import multiprocessing
+
+    from .timing_cache_saver import save_entry
 
     cache = tmp_path / "timing.cache"
     write_timing_cache(cache, b"earlier build\n")
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(2)
-    builds = [context.Process(target=_save_entry, args=(str(cache), f"build {i}", ready)) for i in range(2)]
+    builds = [context.Process(target=save_entry, args=(str(cache), f"build {i}", ready)) for i in range(2)]
     for build in builds:
         build.start()
     for build in builds:
