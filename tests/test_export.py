@@ -183,6 +183,17 @@ def test_no_silent_fallback_to_the_cpu_provider(resnet18_onnx):
         OrtRunner(resnet18_onnx.path, providers=["CUDAExecutionProvider"])
 
 
+def test_the_manifest_records_the_opset_the_exporter_wrote_not_the_one_asked_for(tmp_path, monkeypatch):
+    """An exporter that writes another opset than it was asked for (a seam: the real exporter, given 19 where the
+    pipeline asks 20): the manifest says what the file holds."""
+    from resnet_export import pipeline
+
+    monkeypatch.setattr(pipeline, "export_onnx", lambda *args: export_onnx(*args[:4], 19, *args[5:]))
+    result = onnx_from_model(loaded(model=f"{USER_MODELS}:cifar_resnet", input_size=(16, 16)), tmp_path / "c.onnx",
+                             opset=20, run_verification=False)
+    assert json.loads(result.path.with_name("c.onnx.json").read_text())["settings"]["opset"] == 19
+
+
 def test_the_manifest_records_the_opset_the_file_declares(resnet18_onnx):
     """Read back from the written file (onnx's own loader), not from what was asked for."""
     import json

@@ -275,23 +275,32 @@ def test_a_cpu_int8_onnx_is_served_by_openvino_as_verified_on_this_cpu_class(cpu
     assert "serve it with OpenVINO here" in shown
 
 
-def _from_another_cpu_class(artifact, folder):
-    """A copy of ``artifact`` whose manifest says OpenVINO was verified on a CPU of another class."""
+def _with_openvino_record(artifact, folder, **record):
+    """A copy of ``artifact`` (``moved.onnx``) whose manifest's OpenVINO result says ``record`` instead."""
     import shutil
 
     copy = folder / "moved.onnx"
     shutil.copyfile(artifact, copy)
     manifest = json.loads(artifact.with_name(artifact.name + ".json").read_text())
-    manifest["backends"]["openvino"]["kernel_class"] = "x86_64-amx_int8-u8s8 exact (another machine)"
+    manifest["backends"]["openvino"].update(record)
     copy.with_name("moved.onnx.json").write_text(json.dumps(manifest))
     return copy
+
+
+def test_openvino_that_missed_its_gate_on_this_cpu_class_when_made_is_not_used(cpu_int8, tmp_path):
+    """A failure recorded on this CPU class stands: predict serves ONNX Runtime and says why, without trying OpenVINO
+    again (the slow test below makes OpenVINO fail at quantize time; this one reads its record)."""
+    failed = _with_openvino_record(cpu_int8, tmp_path, passed=False, failures=["min cosine 0.1 < 0.95 (recorded)"])
+    result = run("predict", failed, IMAGES, "-o", tmp_path / "p.jsonl")
+    assert result.exit_code == 0 and "(ort)" in result.stdout, result.output
+    assert "OpenVINO's run missed its gate on this CPU class" in result.stderr and "(recorded)" in result.stderr
 
 
 def test_on_another_cpu_class_openvino_is_verified_now_or_not_used(cpu_int8, tmp_path, monkeypatch):
     """Made elsewhere: predict verifies OpenVINO here against the reference the ONNX recorded before serving with it;
     where OpenVINO computes something else it warns and serves ONNX Runtime, as does triton --backend openvino; and
     verify --backend openvino fails it by name."""
-    moved = _from_another_cpu_class(cpu_int8, tmp_path)
+    moved = _with_openvino_record(cpu_int8, tmp_path, kernel_class="x86_64-amx_int8-u8s8 exact (another machine)")
     result = run("predict", moved, IMAGES, "-o", tmp_path / "a.jsonl")
     assert result.exit_code == 0, result.output
     assert f"(openvino; OpenVINO verified here now ({this_kernel_class()}) on the" in result.stdout
