@@ -136,7 +136,7 @@ def test_a_fused_run_that_differs_from_the_exact_run_fails_by_name(tmp_path):
     assert not result.kernels["passed"] and result.kernels["metrics"]["min_cosine"] < 0
     assert any("differs from the exact run of the same graph on " + describe_cpu(cpu_info()) in f
                for f in result.failures)
-    assert any("min cosine" in f for f in result.failures)  # the fidelity gate sees it against the reference too
+    assert any(f.startswith("min cosine") for f in result.failures)  # the INT8 gate's own cosine, against the reference
 
 
 def test_each_construction_differs_where_its_kernel_runs():
