@@ -146,13 +146,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     diff = np.abs(reference - candidate)
     mean_row = reference.mean(axis=0)
     centered, moved = reference - mean_row, candidate - mean_row
-    spread = np.linalg.norm(centered, axis=1)
-    varied = spread > 1e-9 * max(np.abs(reference).max(), 1e-30)
+    varied = np.linalg.norm(centered, axis=1) > 1e-9 * max(np.abs(reference).max(), 1e-30)
     with np.errstate(invalid="ignore"):  # a non-finite candidate gives NaN here; the gates fail it by its count
-        norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
-        cosine = (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-30)
-        centered_cosine = ((centered * moved).sum(axis=1)[varied]
-                           / np.maximum(spread[varied] * np.linalg.norm(moved, axis=1)[varied], 1e-30))
+        cosine = _row_cosines(reference, candidate)
+        centered_cosine = _row_cosines(centered[varied], moved[varied])
     k = min(5, reference.shape[1])
     top_ref = np.argsort(-reference, axis=1)[:, :k]
     top_cand = np.argsort(-candidate, axis=1)[:, :k]
@@ -175,6 +172,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         metrics["accuracy_candidate"] = float((top_cand[:, 0] == labels).mean())
         metrics["accuracy_drop_points"] = 100 * (metrics["accuracy_reference"] - metrics["accuracy_candidate"])
     return metrics
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine of each row of ``a`` with the same row of ``b``."""
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 def gate_failures(metrics: dict, gate: Gate, slack: int = 0, distinct: int | None = None) -> list[str]:

@@ -1,5 +1,6 @@
 """Shared fixtures: real images, small real models with trained-looking BatchNorm statistics."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -139,14 +140,24 @@ def digits_r18(digit_images):
     return _trained_digits_model(digit_images, RESNET18, "resnet18")
 
 
-@pytest.fixture
-def trt_double(monkeypatch):
-    """The TensorRT double on host memory (tests/trt_double) in place of TensorRT and CUDA, for this test.
-
-    What runs on it is the toolkit's own TensorRT glue; no figure from it is a TensorRT figure."""
+@contextmanager
+def double_installed(patch: pytest.MonkeyPatch):
+    """The TensorRT double on host memory (tests/trt_double) in place of TensorRT and CUDA, set with ``patch``; on
+    leaving, the toolkit's TensorRT logger (made for the double) is dropped."""
     from resnet_export import trt
 
     from .trt_double import install
 
-    yield install(monkeypatch)
-    trt.logger.cache_clear()
+    try:
+        yield install(patch)
+    finally:
+        trt.logger.cache_clear()
+
+
+@pytest.fixture
+def trt_double(monkeypatch):
+    """The TensorRT double in place of TensorRT and CUDA, for this test.
+
+    What runs on it is the toolkit's own TensorRT glue; no figure from it is a TensorRT figure."""
+    with double_installed(monkeypatch) as double:
+        yield double

@@ -277,8 +277,6 @@ def test_a_cpu_int8_onnx_is_served_by_openvino_as_verified_on_this_cpu_class(cpu
 
 def _with_openvino_record(artifact, folder, **record):
     """A copy of ``artifact`` (``moved.onnx``) whose manifest's OpenVINO result says ``record`` instead."""
-    import shutil
-
     copy = folder / "moved.onnx"
     shutil.copyfile(artifact, copy)
     manifest = json.loads(artifact.with_name(artifact.name + ".json").read_text())

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from resnet_export.trt import TrtRunner
 
-from .conftest import IMAGES
+from .conftest import IMAGES, double_installed
 from .test_cli import assert_one_line_error, run
 from .trt_double import HOST_GPU, HostDevice
 from .trt_double import tensorrt as double
@@ -40,16 +40,10 @@ def checkpoint(resnet18_small, tmp_path):
 @pytest.fixture(scope="module")
 def built_fp32_plan(resnet18_onnx, tmp_path_factory):
     """`trt --onnx` on the session's resnet18 ONNX, profile 1..8: a plan and its manifest, built once on the double."""
-    from resnet_export import trt
-
-    from .trt_double import install
-
     plan = tmp_path_factory.mktemp("fp32-plan") / "r18.plan"
-    with pytest.MonkeyPatch.context() as patch:
-        install(patch)
+    with pytest.MonkeyPatch.context() as patch, double_installed(patch):
         result = run("trt", "--onnx", resnet18_onnx.path, "--min-batch", "1", "--opt-batch", "4", "--max-batch",
                      "8", "-o", plan)
-    trt.logger.cache_clear()
     assert result.exit_code == 0, result.output
     return plan
 

@@ -243,10 +243,10 @@ def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profil
                                                                                          monkeypatch):
     """An ONNX that carries PyTorch's logits on its verification inputs gates its plan against them, repeated to run
     the profile's smallest, tuned and largest batch, and says so."""
+    from resnet_export import reference_record
     from resnet_export.data import Inputs
     from resnet_export.pipeline import engine_from_onnx
     from resnet_export.preprocessing import Preprocessing
-    from resnet_export import reference_record
     from resnet_export.reference_record import attach, make_record, read_record
     from resnet_export.runners import OrtRunner
 
