@@ -41,7 +41,8 @@ def qdq_conv(weights: np.ndarray, y_scale: float) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "fused_differs", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                                        ["N", channels, kernel, kernel])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    # IR version stated: onnx 1.23's make_model writes IR 14 by default, which ONNX Runtime 1.31 refuses (max 13)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=10)
 
 
 def overflow_case(channels: int = 8192, kernel: int = 3) -> tuple[onnx.ModelProto, np.ndarray]:

@@ -170,7 +170,7 @@ def fp32_of(model: onnx.ModelProto, path) -> None:
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w"], ["y"]), helper.make_node("Flatten", ["y"], ["logits"])], "fp32",
         list(model.graph.input), list(model.graph.output), [numpy_helper.from_array(weights * 0.01, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=10), str(path))
 
 
 def test_the_pipelines_kernel_check_fails_by_name_on_any_cpu(tmp_path, monkeypatch):
@@ -212,7 +212,7 @@ def integer_matmul(k: int, weights: np.ndarray, weight_zero_point: int) -> onnx.
         [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
         [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array(7, np.uint8), "a_zero"),
          numpy_helper.from_array(np.array(weight_zero_point, weights.dtype), "w_zero")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     model.ir_version = 8
     return model
 

@@ -215,7 +215,7 @@ def test_sensitivity_refuses_a_tensor_it_cannot_compare(tmp_path):
         graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 8, 8])],
                                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 4])],
                                   [weight, scale, zero] if quantized else [weight])
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=10), path)
         return path
 
     fp32, int8 = model(tmp_path / "fp32.onnx", False), model(tmp_path / "int8.onnx", True)

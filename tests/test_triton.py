@@ -13,8 +13,11 @@ import time
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+
+# Skipped, with the reason, where tritonclient is not installed (a GPU image: `make gpu-check` collects this module)
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                       reason="tritonclient is not installed (pip install '.[triton]')")
+text_format = pytest.importorskip("google.protobuf.text_format")
 
 from resnet_export.manifest import write_manifest
 

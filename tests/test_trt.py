@@ -283,7 +283,7 @@ def engines(tmp_path_factory, resnet18_small):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_builds_runs_and_verifies(engines, precision):
     result = engines[precision]
-    assert result.verification.passed and result.verification.batch_sizes == [1, 8]
+    assert result.verification.passed and result.verification.batch_sizes == [1, 4, 8]  # min, opt and max
     manifest = json.loads(result.path.with_name(result.path.name + ".json").read_text())
     assert manifest["precision"]["dtype"] == precision and manifest["compute_capability"]
     assert manifest["verification"]["passed"] and manifest["profile"]["max"][0] == 8
@@ -300,7 +300,7 @@ def test_rebuild_ignores_the_stale_manifest_of_the_plan_it_replaces(resnet18_onn
     stale = {**BUILT, "tensorrt": "9.0.0", "compute_capability": "1.0"}  # as if built elsewhere
     (tmp_path / "r18.plan.json").write_text(json.dumps(stale))
     result = engine_from_onnx(resnet18_onnx.path, plan, profile=BatchProfile(2, 4, 6))
-    assert result.verification.passed and result.verification.batch_sizes == [2, 6]  # inside the profile
+    assert result.verification.passed and result.verification.batch_sizes == [2, 4, 6]  # min, opt and max
     assert json.loads((tmp_path / "r18.plan.json").read_text())["tensorrt"] != "9.0.0"
 
 

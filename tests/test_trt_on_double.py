@@ -302,7 +302,7 @@ def _qdq_model(path):
     graph = helper.make_graph(nodes, "foreign", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
                               [weight, scale, zero, fc])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=10), path)
     return path
 
 

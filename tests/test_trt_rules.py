@@ -41,7 +41,7 @@ def tiny_onnx(path, fp16: bool = False, seed: int = 0):
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *CHW])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
                               [numpy_helper.from_array(weight, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
