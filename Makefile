@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test quick api-check bench-ci bench-baseline bench-spread bench gpu-check clean
+.PHONY: install demo test quick api-check bench-ci bench-baseline bench-spread bench gpu-check wheelhouse clean
 
 install: $(STAMP)
 
@@ -67,10 +67,20 @@ PAIRS ?= 10
 bench-spread: $(STAMP)
 	$(BIN)/python benchmarks/spread.py $(OUT)/bench-spread $(PAIRS) -- $(BENCH_CI)
 
-# Every GPU claim in one command, on one CUDA GPU (TensorRT rows where it is installed): `pytest -m gpu`, the GPU matrix
-# on resnet50 and the check against the reference script's figures; writes benchmarks/results/gpu-<gpu>/ (see
-# benchmarks/gpu_check.py). On a machine whose own Python has the packages and no package index can be reached:
-#   make gpu-check GPU_PYTHON=python3    (the project on PYTHONPATH, no .venv, nothing installed)
+# Every GPU claim in one command, on one CUDA GPU (TensorRT rows where it is installed): `pytest -m gpu`, the plain
+# PyTorch peer script, the GPU matrix on resnet50, and a verdict (exit 1 naming each failed claim); writes
+# benchmarks/results/gpu-<gpu>/ as it goes (see benchmarks/gpu_check.py). On a machine whose own Python has the
+# image's packages and no package index can be reached, with the wheelhouse carried to ./wheelhouse:
+#   make gpu-check GPU_PYTHON=python3    (the project on PYTHONPATH, no .venv; the wheels in a temporary prefix)
 GPU_PYTHON ?=
+GPU_CHECK_ARGS ?=
 gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(or $(GPU_PYTHON),$(BIN)/python) benchmarks/gpu_check.py
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(or $(GPU_PYTHON),$(BIN)/python) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The wheels gpu-check needs beyond a GPU image (onnxruntime-gpu, ModelOpt and what they require, at this .venv's
+# versions), for that image's Python, with a manifest of sha256 and wheels over PIECE_MB split into pieces; needs a
+# package index. Carry wheelhouse/ to the GPU machine's checkout (a piece per transfer where transfers are capped).
+PIECE_MB ?= 60
+GPU_IMAGE_PYTHON ?= 3.12
+wheelhouse: $(STAMP)
+	$(BIN)/python benchmarks/wheelhouse.py collect wheelhouse --python-version $(GPU_IMAGE_PYTHON) --piece-mb $(PIECE_MB)

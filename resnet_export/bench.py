@@ -46,6 +46,8 @@ CPU_BACKENDS = ("ort", "ort-openvino", "openvino")
 TORCH_BACKENDS = ("torch", "torch-compile")
 #: The clock of rows timed around a whole call, host memory to host memory.
 WALL_CLOCK = "wall clock"
+#: Calls a device clock times back to back per sample (``CudaDevice.time``): the queue stays full between them.
+DEVICE_CALLS = 10
 
 
 class BenchError(ResnetExportError):
@@ -57,7 +59,9 @@ class Settings:
     """How to time: warm-up runs, then ``iters`` runs or as many as fit in ``min_time`` seconds, spread over
     ``rounds`` interleaved rounds (each round times every row in turn for its share).
 
-    ``tf32``: FP32 rows on the GPU may use TF32 (off by default: FP32 computes in FP32). ``cuda_graph``:
+    ``tf32``: ONNX Runtime's and TensorRT's FP32 rows on the GPU may use TF32 (off by default: FP32 computes in
+    FP32); PyTorch FP32 on the GPU runs both as PyTorch does by default (TF32 convolutions, the baseline) and strict
+    (TF32 off). ``cuda_graph``:
     TensorRT rows are also timed replaying a CUDA graph. ``streams``: rows on the GPU are also timed with this
     many runners, each on its own stream and thread, as a server runs them.
     """
@@ -106,6 +110,9 @@ class Row:
     streams: int = 1  # runners timed at once, each on its own stream and thread
     tf32: bool | None = None  # FP32 rows on the GPU: whether TF32 was allowed
     note: str | None = None  # what a reader must know of an ok row
+    #: its outputs against PyTorch FP32 under the gate of its precision and weights (``verify.plan_gate``):
+    #: "passed", the thresholds missed, or None where not gated
+    gate: str | None = None
 
 
 def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -136,12 +143,13 @@ def latency_stats(seconds: list[float], batch: int) -> tuple[dict, float]:
     return stats, batch / (stats["mean"] / 1e3)
 
 
-def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[Callable], float] | None = None,
+def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[Callable], list[float]] | None = None,
                now: Callable[[], float] = time.perf_counter, minimum: int = 3) -> list[float]:
-    """Warm up, then time ``call`` per iteration (``clock`` times one call; ``now``'s wall clock by default).
+    """Warm up, then time ``call`` per iteration (``clock`` times one or more calls and returns each one's seconds;
+    ``now``'s wall clock, one call at a time, by default).
 
     ``now`` also bounds the loop to ``settings.min_time`` (at least ``minimum`` runs) unless ``settings.iters``
-    is set.
+    is set (then exactly that many are kept).
     """
     clock = clock or functools.partial(_wall_clock, now=now)
     for _ in range(settings.warmup):
@@ -149,19 +157,18 @@ def time_calls(call: Callable[[], object], settings: Settings, clock: Callable[[
     timings: list[float] = []
     start = now()
     while True:
-        timings.append(clock(call))
+        timings += clock(call)
         if settings.iters is not None:
             if len(timings) >= settings.iters:
-                break
+                return timings[:settings.iters]
         elif now() - start >= settings.min_time and len(timings) >= minimum:
-            break
-    return timings
+            return timings
 
 
-def _wall_clock(call: Callable, now: Callable[[], float] = time.perf_counter) -> float:
+def _wall_clock(call: Callable, now: Callable[[], float] = time.perf_counter) -> list[float]:
     start = now()
     call()
-    return now() - start
+    return [now() - start]
 
 
 def time_concurrently(calls: list[Callable[[], object]], settings: Settings, minimum: int = 3) -> tuple[list[float], float]:
@@ -300,7 +307,7 @@ def _on_device(runner, what: str) -> Timed:
     """A row timed with the device's clock on ``runner.stream``, on an input already on the device."""
     gpu = device.current()
     return Timed(f"{gpu.clock} on the runner's stream, inputs on device, {what}", runner,
-                 functools.partial(gpu.time, stream=runner.stream), None, gpu.identity()[0],
+                 functools.partial(gpu.time, stream=runner.stream, calls=DEVICE_CALLS), None, gpu.identity()[0],
                  cuda_graph=getattr(runner, "cuda_graph", False))
 
 
@@ -322,10 +329,11 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
 
         compiled = backend == "torch-compile"
         timed = []
-        if gpu:
-            runner = TorchDeviceRunner(artifacts.loaded.module, precision, compiled=compiled, allow_tf32=settings.tf32)
+        # FP32 on the GPU: as PyTorch runs it by default (TF32 convolutions), the baseline, and strict (TF32 off)
+        for allow in ((None, False) if gpu and precision == "fp32" else (None,) if gpu else ()):
+            runner = TorchDeviceRunner(artifacts.loaded.module, precision, compiled=compiled, allow_tf32=allow)
             timed.append(_on_device(runner, runner.settings()))
-            timed[-1].tf32 = fp32_tf32
+            timed[-1].tf32 = (allow is not False) if precision == "fp32" else None
         if precision == "fp32" and (not gpu or (cpu_baseline and not compiled)):
             label = "wall clock, CPU" + (", torch.compile (inductor)" if compiled else "")
             timed.append(Timed(label, TorchRunner(artifacts.loaded.module, compiled=compiled)))
@@ -335,16 +343,19 @@ def make_runners(backend: str, precision: str, artifacts: Artifacts, settings: S
         provider = "CPUExecutionProvider" if backend == "ort" else OPENVINO_EP
         return [Timed("wall clock, CPU", OrtRunner(artifacts.onnx(precision, target), [provider], threads))]
     if backend == "ort-cuda":
-        from .device_runners import OrtDeviceRunner
+        from .device_runners import ORT_CUDA_INT8, OrtDeviceRunner
 
         path = artifacts.onnx(precision, "trt")
+        what = f"{ORT_CUDA_INT8}, " if precision == "int8" else ""
         copies = OrtRunner(path, ["CUDAExecutionProvider"], threads,
-                           provider_options={"use_tf32": str(int(settings.tf32))})
-        bound = OrtDeviceRunner(path, allow_tf32=settings.tf32)
-        on_device = _on_device(bound, bound.settings())
-        on_device.tf32 = fp32_tf32
-        tf32 = f", TF32 {'on' if settings.tf32 else 'off'}"
-        return [Timed(f"wall clock, with host-device copies{tf32}", copies, None, None, gpu, fp32_tf32), on_device]
+                           provider_options={"use_tf32": str(int(settings.tf32)), "prefer_nhwc": "1"})
+        timed = [Timed(f"wall clock, with host-device copies, {what}NHWC, TF32 {'on' if settings.tf32 else 'off'}",
+                       copies, None, None, gpu, fp32_tf32)]
+        for cuda_graph in (False, True):  # the same graph as the copies row: the artifact's own
+            bound = OrtDeviceRunner(path, allow_tf32=settings.tf32, cuda_graph=cuda_graph)
+            timed.append(_on_device(bound, what + bound.settings()))
+            timed[-1].tf32 = fp32_tf32
+        return timed
     if backend == "ort-trt":
         return [Timed("wall clock, with host-device copies",
                       OrtRunner(artifacts.onnx(precision, "trt"), ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
@@ -377,7 +388,8 @@ def plan_runners(plan: Path, shape: str, batch: int | None, settings: Settings, 
         tf32 = (built.get("options") or {}).get("tf32") if (built.get("precision") or {}).get("dtype") == "fp32" else None
         label = ("" if tf32 is None else f"TF32 {'on' if tf32 else 'off'}, ") + shape
         timed.append(Timed(f"{gpu.clock} on the engine's stream, inputs on device, {what}{label}", runner,
-                           functools.partial(gpu.time, stream=runner.stream), batch, name, tf32, cuda_graph))
+                           functools.partial(gpu.time, stream=runner.stream, calls=DEVICE_CALLS), batch, name, tf32,
+                           cuda_graph))
     timed.append(Timed(f"wall clock, with host-device copies, {label}", timed[0].runner, None, batch, name, tf32))
     return timed
 
@@ -393,12 +405,18 @@ def run_matrix(
     work: Path,
     calibration: np.ndarray | None = None,
     seed: int = 0,
+    after_each: Callable[[list[Row]], bool] | None = None,
+    order: list[tuple[str, str]] | None = None,
 ) -> tuple[list[Row], dict]:
-    """Measure every backend x precision x batch; returns the rows and the environment.
+    """Measure every backend x precision x batch, in that order; returns the rows and the environment.
 
-    Every row's outputs are checked first; then the rows are timed in ``settings.rounds`` interleaved
-    rounds, so that a slow spell of the machine falls on every row alike and the ratios between rows
-    (speed-up over PyTorch FP32 on the same device) hold.
+    Every row's outputs are checked against PyTorch FP32 and held to the gate of its precision and weights
+    (``Row.gate``). Then the rows are timed in ``settings.rounds`` interleaved rounds, so that a slow spell of the
+    machine falls on every row alike and the ratios between rows (speed-up over PyTorch FP32 on the same device)
+    hold. With ``after_each``, each backend x precision is checked and timed before the next is prepared, and
+    ``after_each(rows so far)`` is called after it (a report written as the run goes; ``gpu_check``); when it
+    returns False the rest is not measured. ``order``: the backend x precision pairs to measure, in this order,
+    instead of every backend x precision.
     """
     import torch
     from .runners import TorchRunner
@@ -416,50 +434,63 @@ def run_matrix(
     artifacts = Artifacts(loaded, work, calibration, seed)
     reference = TorchRunner(loaded.module)
     expected = {b: reference.infer(x) for b, x in batches.items()}
-    cpu_baseline = gpu_name() is None or any(b in CPU_BACKENDS for b in backends)
+    combos = order or [(b, p) for b in backends for p in precisions]
+    cpu_baseline = gpu_name() is None or any(b in CPU_BACKENDS for b, _ in combos)
+    random_weights = weights_kind(loaded) == "random"
     rows: list[Row] = []
     slots: list[Slot] = []
-    combos = [(b, p) for b in backends for p in precisions]
     with task(log, "Preparing the backends and checking their outputs", len(combos)) as advance:
         for backend, precision in combos:
-            reason = backend_unavailable(backend) or precision_unsupported(backend, precision)
-            if reason:
-                rows += [Row(backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
-                advance()
-                continue
-            try:
-                runners = make_runners(backend, precision, artifacts, settings, cpu_baseline)
-            except Exception as exc:  # an artifact or session failed: an error row, the matrix goes on
-                rows += [Row(backend, precision, b, "error", first_line(exc)) for b in settings.batch_sizes]
-                advance()
-                continue
-            for batch in settings.batch_sizes:
-                new = check_runners(backend, precision, batch, runners, batches[batch], expected[batch], settings)
-                slots += new
-                rows += [slot.row for slot in new]
+            new = _check_combo(backend, precision, artifacts, settings, cpu_baseline, batches, expected, random_weights)
+            rows += [slot.row if isinstance(slot, Slot) else slot for slot in new]
+            new_slots = [slot for slot in new if isinstance(slot, Slot)]
             advance()
+            if after_each is None:
+                slots += new_slots
+                continue
+            time_rows(new_slots, settings)
+            add_speedups(rows)
+            mark_fastest(rows)
+            if not after_each(rows):
+                break
     time_rows(slots, settings)
     add_speedups(rows)
     mark_fastest(rows)
     return rows, environment(settings)
 
 
+def _check_combo(backend: str, precision: str, artifacts: Artifacts, settings: Settings, cpu_baseline: bool,
+                 batches: dict[int, np.ndarray], expected: dict[int, np.ndarray], random_weights: bool) -> list:
+    """One backend x precision: a checked slot per row that runs, or a skipped or error ``Row`` per batch."""
+    reason = backend_unavailable(backend) or precision_unsupported(backend, precision)
+    if reason:
+        return [Row(backend, precision, b, "skipped", reason) for b in settings.batch_sizes]
+    try:
+        runners = make_runners(backend, precision, artifacts, settings, cpu_baseline)
+    except Exception as exc:  # an artifact or session failed: an error row, the matrix goes on
+        return [Row(backend, precision, b, "error", first_line(exc)) for b in settings.batch_sizes]
+    return [slot for batch in settings.batch_sizes for slot in check_runners(
+        backend, precision, batch, runners, batches[batch], expected[batch], settings, random_weights=random_weights)]
+
+
 def check_runners(backend: str, precision: str, batch: int, runners: list[Timed], x: np.ndarray,
-                  expected: np.ndarray | None, settings: Settings, note: str | None = None) -> list[Slot]:
+                  expected: np.ndarray | None, settings: Settings, note: str | None = None,
+                  random_weights: bool | None = None) -> list[Slot]:
     """The checked slots of one backend x precision at ``batch``: a row per runner that runs it and, for rows on
-    the device with ``settings.streams`` > 1, a row of that many runners timed at once."""
+    the device with ``settings.streams`` > 1, a row of that many runners timed at once. ``random_weights``: which
+    gate the outputs are held to (None: not gated)."""
     slots = []
     for timed in runners:
         if timed.batch not in (None, batch):
             continue
         row = Row(backend, precision, batch, timing=timed.label, device=timed.device, tf32=timed.tf32, note=note,
                   clock=device.current().clock if timed.device_clock else WALL_CLOCK)
-        slots.append(check(row, timed.runner, timed.device_clock, x, expected))
+        slots.append(check(row, timed.runner, timed.device_clock, x, expected, random_weights))
         if timed.cuda_graph and not timed.runner.cuda_graph and slots[-1].call is not None:
             slots[-1].call = None  # its capture failed and it runs plain enqueues: not what the label says
             _failed(row, RuntimeError("its CUDA graph capture failed (see the warning above): not timed"))
         if settings.streams > 1 and timed.device_clock and slots[-1].call is not None:
-            slots.append(check_streams(row, timed.runner, settings.streams, x, expected))
+            slots.append(check_streams(row, timed.runner, settings.streams, x, expected, random_weights))
     return slots
 
 
@@ -481,16 +512,19 @@ class Slot:
     concurrent_seconds: float = 0.0
 
 
-def check(row: Row, runner, clock, x: np.ndarray, expected: np.ndarray | None) -> Slot:
+def check(row: Row, runner, clock, x: np.ndarray, expected: np.ndarray | None,
+          random_weights: bool | None = None) -> Slot:
     """``row`` with its agreement with ``expected`` on ``x``, and the call that times it; a failure makes it
     an error row. With a device clock the call is the runner's ``enqueue`` on ``x`` uploaded once. Without
-    ``expected`` the outputs are not checked (the row's ``note`` says why)."""
+    ``expected`` the outputs are not checked (the row's ``note`` says why). ``random_weights`` (None: not gated)
+    chooses the gate the outputs are held to (``gate_row``)."""
     row.threads_setting = getattr(runner, "threads", None)
     try:
         outputs = runner.infer(x)
         if expected is not None:
             metrics = compare(expected, outputs)
             row.top1_agreement, row.max_abs_err = metrics["top1_agreement"], metrics["max_abs_err"]
+            gate_row(row, metrics, random_weights)
         row.compile_seconds = getattr(runner, "compile_seconds", {}).get(tuple(x.shape))
         if clock is not None:  # device-resident input; the runner's enqueue is what is timed, between events
             device_x = device.current().upload(x)
@@ -501,7 +535,21 @@ def check(row: Row, runner, clock, x: np.ndarray, expected: np.ndarray | None) -
         return Slot(row, None)
 
 
-def check_streams(single: Row, runner, streams: int, x: np.ndarray, expected: np.ndarray | None) -> Slot:
+def gate_row(row: Row, metrics: dict, random_weights: bool | None) -> None:
+    """Hold ``row``'s outputs to the gate of its precision and weights (one input's top-1 flip allowed, as a plan's:
+    another kernel rounds differently); an FP32 row that may use TF32 gets FP16's gate. Keeps the worst verdict."""
+    from .verify import gate_failures, plan_gate
+
+    if random_weights is None:
+        return
+    gate = plan_gate(row.precision, random_weights, tf32=bool(row.tf32))
+    failures = gate_failures(metrics, gate, slack=1, distinct=row.batch)
+    if failures or row.gate is None:
+        row.gate = "; ".join(failures) or "passed"
+
+
+def check_streams(single: Row, runner, streams: int, x: np.ndarray, expected: np.ndarray | None,
+                  random_weights: bool | None = None) -> Slot:
     """The row of ``streams`` runners (``runner`` and clones, each on its own stream) timed at once, as a server
     runs them: one thread per runner, per-request wall-clock latency, aggregate images/s. Every runner's
     outputs are checked; the row keeps the worst agreement."""
@@ -516,6 +564,8 @@ def check_streams(single: Row, runner, streams: int, x: np.ndarray, expected: np
             metrics = [compare(expected, r.infer(x)) for r in runners]
             row.top1_agreement = min(m["top1_agreement"] for m in metrics)
             row.max_abs_err = max(m["max_abs_err"] for m in metrics)
+            for m in metrics:
+                gate_row(row, m, random_weights)
         return Slot(row, runners[0].infer_device, calls=[functools.partial(r.infer_device, device_x) for r in runners])
     except Exception as exc:  # a backend that cannot run several at once is recorded, the rest still runs
         _failed(row, exc)
@@ -577,7 +627,9 @@ def add_speedups(rows: list[Row]) -> None:
     and each non-PyTorch row's by the fastest PyTorch row of its device and batch (``speedup_vs_best_torch``).
     A row whose device has no such PyTorch row in this run gets none: never a row of another device."""
     timed = [r for r in rows if r.status == "ok" and r.throughput and r.streams == 1]
-    baselines = {(r.device, r.batch): r for r in timed if r.backend == "torch" and r.precision == "fp32"}
+    # strict FP32 (TF32 off on a GPU) is a fidelity reference, not what a PyTorch user runs
+    baselines = {(r.device, r.batch): r for r in timed if r.backend == "torch" and r.precision == "fp32"
+                 and r.tf32 is not False}
     best: dict[tuple[str, int], Row] = {}
     for row in (r for r in timed if r.backend in TORCH_BACKENDS):
         key = (row.device, row.batch)

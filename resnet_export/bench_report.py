@@ -134,7 +134,8 @@ def _throughput_chart(rows: list[Row], model: str, path: Path) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xticks(sorted({r.batch for r in rows}), labels=[str(b) for b in sorted({r.batch for r in rows})])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a report written before any row ran (gpu_check) has none
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

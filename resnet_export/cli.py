@@ -518,7 +518,8 @@ def inspect(artifact, as_json):
 @click.option("--max-regression", type=click.FloatRange(min=0), default=DEFAULT_MAX_REGRESSION, show_default=True, metavar="PCT",
               help="With --baseline: speed-up (or, same environment, img/s) drop that fails the run (exit 3).")
 @click.option("--tf32/--no-tf32", default=False, show_default=True,
-              help="Let FP32 rows on the GPU (torch, ort-cuda) use TF32.")
+              help="Let ONNX Runtime's and TensorRT's FP32 rows on the GPU use TF32 (PyTorch FP32 runs both as "
+                   "PyTorch defaults, TF32 convolutions, and strict).")
 @click.option("--cuda-graph", is_flag=True, help="Also time every TensorRT row replaying a CUDA graph (trtexec --useCudaGraph).")
 @click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
               help="Also time each GPU row with this many runners at once, each on its own stream and thread.")

@@ -87,6 +87,10 @@ class TorchRunner:
 OPENVINO_EP = "OpenVINOExecutionProvider"
 
 
+#: Providers that compute on ONNX Runtime's CPU kernels or OpenVINO's, whose float16 QuantizeLinear this runner
+#: evaluates in float32 (ort_fixes); the CUDA and TensorRT providers run the artifact's graph as it is.
+CPU_KERNEL_PROVIDERS = ("CPUExecutionProvider", OPENVINO_EP)
+
 _REGISTERED: set[str] = set()  # plugin EPs this process registered with ONNX Runtime
 
 
@@ -131,8 +135,8 @@ class OrtRunner:
     ``provider_options`` go to the first provider (``{"use_tf32": "0"}`` for CUDA). ``exact`` turns ONNX
     Runtime's graph optimizations off: no Q/DQ fusion into integer kernels, so the
     session computes the Q/DQ arithmetic as the graph writes it (the reference for ``cpu.py``'s
-    saturation check). Outside TensorRT's provider, float16 QuantizeLinear nodes are evaluated in float32
-    so they round as the spec says (see ort_fixes).
+    saturation check). On CPU kernels (``CPU_KERNEL_PROVIDERS``), float16 QuantizeLinear nodes are evaluated in
+    float32 so they round as the spec says (see ort_fixes); the CUDA and TensorRT providers get the graph as it is.
     """
 
     def __init__(self, path: str | Path | bytes, providers=("CPUExecutionProvider",), threads: int | None = None,
@@ -159,7 +163,7 @@ class OrtRunner:
         #: float16 QuantizeLinear nodes evaluated in float32 (see ort_fixes); 0 for most models.
         self.fp16_quantize_rewritten = 0
         self.session = self._session(path if isinstance(path, bytes) else str(path))
-        if providers[0] != "TensorrtExecutionProvider" and self._may_hold_fp16_quantize():
+        if providers[0] in CPU_KERNEL_PROVIDERS and self._may_hold_fp16_quantize():
             self._round_fp16_quantize(path)
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]

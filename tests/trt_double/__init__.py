@@ -81,6 +81,7 @@ class HostDevice:
     """``resnet_export.device.CudaDevice``'s interface on host memory, for the TensorRT double."""
 
     clock = "host wall clock (TensorRT double, not a GPU figure)"
+    TIMING = "the host's wall clock around each call and the work it queued (TensorRT double, not a GPU figure)"
     torch_device = "cpu"
 
     def __init__(self, name: str = HOST_GPU, compute_capability: str = "8.9"):
@@ -191,13 +192,16 @@ class HostDevice:
         for run in graph:
             run()
 
-    def time(self, call: Callable[[], object], stream=None) -> float:
-        """Wall seconds of ``call`` and of the work it queued on ``stream`` (run before the clock stops)."""
-        start = time.perf_counter()
-        call()
-        (stream or self.default_stream).run_queued()
-        seconds = time.perf_counter() - start
-        self._ran()
+    def time(self, call: Callable[[], object], stream=None, calls: int = 1) -> list[float]:
+        """Wall seconds of each of ``calls`` calls and of the work each queued on ``stream`` (run before its clock
+        stops)."""
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            call()
+            (stream or self.default_stream).run_queued()
+            seconds.append(time.perf_counter() - start)
+            self._ran()
         return seconds
 
 
