@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Callable
 
 import numpy as np
@@ -78,19 +79,28 @@ class CudaDevice:
         import torch
 
         index = torch.cuda.current_device()
-        if index in self._graph_state:
-            return
-        scratch = torch.zeros(1, device="cuda")
-        keeper, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            keeper.capture_begin(capture_error_mode="thread_local")
-            try:
-                scratch.add_(1)  # a node, so the graph is not empty (capture_end warns of an empty one)
-            finally:
-                keeper.capture_end()
-        stream.synchronize()
-        self._graph_state[index] = (keeper, scratch)
+        if index not in self._graph_state:
+            self._graph_state[index] = self._trivial_capture()
+
+    @staticmethod
+    def _trivial_capture() -> tuple:
+        """A graph of one in-place kernel captured on a stream of its own, and its buffer; outside inference mode, so
+        that on torch < 2.11 the generator state registered here is no inference tensor a later capture cannot
+        update (pytorch#166792)."""
+        import torch
+
+        with torch.inference_mode(False):
+            scratch = torch.zeros(1, device="cuda")
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with _CAPTURING, torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    scratch.add_(1)  # a node, so the graph is not empty (capture_end warns of an empty one)
+                finally:
+                    graph.capture_end()
+            stream.synchronize()
+        return graph, scratch
 
     def handle(self, stream) -> int:
         """The ``cudaStream_t`` of ``stream`` as TensorRT takes it."""
@@ -152,7 +162,7 @@ class CudaDevice:
 
         graph = torch.cuda.CUDAGraph()
         before = self.reserved()
-        with torch.cuda.stream(stream):
+        with _CAPTURING, torch.cuda.stream(stream):
             graph.capture_begin(pool=None if pool is None else pool.id, capture_error_mode="thread_local")
             try:
                 queued = enqueue()
@@ -161,11 +171,28 @@ class CudaDevice:
                     graph.capture_end()
                 except RuntimeError:  # the capture was invalidated
                     queued = False
+                    failed = True
+                else:
+                    failed = False
+        if failed:
+            self._after_failed_capture(graph)
         grown = self.reserved() - before
         if grown > 0:
             log.warning(f"a CUDA graph capture took {grown / 2**20:.1f} MiB from the driver: that cudaMalloc waited "
                         "for the work of every stream on the GPU")
         return graph if queued else None
+
+    def _after_failed_capture(self, graph) -> None:
+        """What ``CUDAGraph::capture_end`` leaves undone when ``cudaStreamEndCapture`` throws (CUDAGraph.cpp: the
+        check comes before ``endAllocateToPool`` and the generator's ``capture_epilogue``): the allocator is given
+        back its routing to the graph's pool, and a capture that completes clears the CUDA generator's capturing
+        flag, else every later eager RNG call on the GPU fails."""
+        import torch
+
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)  # what torch.cuda.use_mem_pool calls on exit
+        if end is not None:
+            end(torch.cuda.current_device(), graph.pool())
+        self._trivial_capture()
 
     def replay(self, graph) -> None:
         """Queue a captured graph again (on the stream it was captured on)."""
@@ -195,6 +222,11 @@ class CudaDevice:
         events[-1].synchronize()
         return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
 
+
+#: One CUDA-graph capture at a time in the process (torch/cuda/graphs.py: "only one capture may be underway at a time
+#: in the process"; the generator's set of registered graphs is unguarded and capture_begin releases the GIL), though
+#: runners on several streams and threads capture their first call at once.
+_CAPTURING = threading.Lock()
 
 _CUDA = CudaDevice()
 

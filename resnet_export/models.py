@@ -62,6 +62,11 @@ class LoadedModel:
         """The arch name or the factory spec."""
         return self.source.get("arch") or self.source["factory"]
 
+    @property
+    def stem(self) -> str:
+        """A file name for its artifacts: the arch, or the factory function's name (``resnet50``, ``cifar_resnet``)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name.rsplit(":", 1)[-1]).strip("._") or "model"
+
 
 # --------------------------------------------------------------------------- archs and weights
 
