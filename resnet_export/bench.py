@@ -46,6 +46,8 @@ CPU_BACKENDS = ("ort", "ort-openvino", "openvino")
 TORCH_BACKENDS = ("torch", "torch-compile")
 #: The clock of rows timed around a whole call, host memory to host memory.
 WALL_CLOCK = "wall clock"
+#: Seeded random inputs INT8 rows are calibrated on when no calibration images are given.
+RANDOM_CALIBRATION = 64
 #: Calls a device clock times back to back per sample (``CudaDevice.time``): the queue stays full between them.
 DEVICE_CALLS = 10
 
@@ -261,7 +263,7 @@ def backend_unavailable(backend: str) -> str | None:
         try:
             import openvino  # noqa: F401
         except ImportError:
-            return "OpenVINO is not installed (pip install 'resnet-export[openvino]')"
+            return "OpenVINO is not installed (pip install openvino)"
     if backend == "ort-openvino":
         from .runners import openvino_ep_unavailable
 
@@ -428,7 +430,7 @@ def run_matrix(
     batches = {b: rng.standard_normal((b, spec.channels, *spec.input_size), dtype=np.float32)
                for b in settings.batch_sizes}
     if calibration is None:
-        calibration = rng.standard_normal((64, spec.channels, *spec.input_size), dtype=np.float32)
+        calibration = rng.standard_normal((RANDOM_CALIBRATION, spec.channels, *spec.input_size), dtype=np.float32)
     from .bench_artifacts import Artifacts
 
     artifacts = Artifacts(loaded, work, calibration, seed)
@@ -734,19 +736,23 @@ def prepare_report(folder: Path) -> None:
 def run_benchmark(loaded: LoadedModel | None, report: Path, backends: tuple[str, ...], precisions: tuple[str, ...],
                   settings: Settings, calib: Path | None = None, calib_size: int = 64, seed: int = 0,
                   baseline: Path | None = None, max_regression: float = DEFAULT_MAX_REGRESSION,
-                  plan: Path | None = None) -> tuple[dict[str, Path], object]:
+                  plan: Path | None = None, allow_failed: bool = False) -> tuple[dict[str, Path], object]:
     """``resnet-export bench``: run the matrix (INT8 calibrated on ``calib`` when given) and write the reports.
 
     Artifacts are built or reused under ``report/artifacts``. ``plan`` times that plan alone instead of the
     matrix of ``loaded`` (``run_plan``). With ``baseline`` (a report.json, or a folder holding one per CPU
     class) the rows are compared with it (``baseline.compare_reports``) and the comparison goes into the
-    reports. Returns the report paths by name and the comparison (or None).
+    reports. A ``plan`` whose manifest says it failed its gate is refused unless ``allow_failed``. Returns the report
+    paths by name and the comparison (or None).
     """
     from .baseline import compare_reports, find_baseline, load_report
     from .bench_report import write_reports
     from .data import calibration_data
 
     if plan is not None:
+        from .serving import check_served
+
+        check_served(plan, allow_failed)  # served = verified: a plan that failed its gate is not timed as a product
         rows, env = run_plan(plan, settings, seed)
         name, weights = plan.name, None
     else:
@@ -755,6 +761,9 @@ def run_benchmark(loaded: LoadedModel | None, report: Path, backends: tuple[str,
         if calib:
             calibration = calibration_data(calib, loaded.preprocessing, calib_size, seed, held_out=False)[0].array
         rows, env = run_matrix(loaded, backends, precisions, settings, report / "artifacts", calibration, seed)
+        if "int8" in precisions:
+            env["int8"] = int8_forms(f"{len(calibration)} images from {calib}" if calib is not None
+                                     else f"{RANDOM_CALIBRATION} seeded random inputs (no calibration images given)")
         name, weights = loaded.name, weights_kind(loaded)
     comparison = None
     if baseline:
@@ -767,6 +776,13 @@ def run_benchmark(loaded: LoadedModel | None, report: Path, backends: tuple[str,
             current = {"model": name, "weights": weights, "environment": env, "rows": [asdict(r) for r in rows]}
             comparison = compare_reports(current, load_report(found), str(found), max_regression)
     return write_reports(rows, env, name, report, comparison, weights), comparison
+
+
+def int8_forms(calibration: str) -> str:
+    """What the benchmark's INT8 rows run, in words: each target's quantization, as ``quantize`` makes it by default."""
+    return (f"cpu target (ort, ort-openvino, openvino rows): ONNX Runtime QDQ, uint8 activations, 7-bit per-channel "
+            f"weights (portable), minmax ranges; trt target (ort-cuda, trt rows): ModelOpt Q/DQ, entropy ranges, rest "
+            f"auto; calibrated on {calibration}")
 
 
 def weights_kind(loaded: LoadedModel) -> str:

@@ -47,9 +47,8 @@ class Artifacts:
         """The ONNX for ``precision``; INT8 for ``target`` (cpu or trt), FP16/INT8 from the FP32 file.
 
         Each is made by the pipeline function its command uses, so it is verified and has a manifest;
-        one is reused only when its manifest says it passed its gate. With random weights the INT8
-        gate does not read top-1 agreement or accuracy (meaningless there); fidelity and the
-        fused-vs-exact check still apply.
+        one is reused only when its manifest says it passed its gate (with random weights, the pipeline's
+        fidelity gate: top-1 agreement and accuracy mean nothing there).
         """
         from .pipeline import PrecisionRequest, onnx_from_model, precision_from_onnx
         from .runners import TorchRunner
@@ -65,10 +64,7 @@ class Artifacts:
             if precision == "int8":
                 calib = self.folder / f"calibration-{self.calib_key}.npy"
                 np.save(calib, self.calibration)
-            random_weights = precision == "int8" and self.loaded.source.get("weights") is None
-            request = PrecisionRequest(precision, calib, target, calib_size=len(self.calibration), seed=self.seed,
-                                       min_agreement=0.0 if random_weights else None,
-                                       max_accuracy_drop=100.0 if random_weights else None)
+            request = PrecisionRequest(precision, calib, target, calib_size=len(self.calibration), seed=self.seed)
             precision_from_onnx(fp32, path, request, reference=TorchRunner(self.loaded.module))
         return path
 

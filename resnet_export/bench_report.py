@@ -28,10 +28,11 @@ def write_reports(rows: list[Row], env: dict, model: str, folder: Path, comparis
                                       "rows": [asdict(r) for r in rows],
                                       "compared_with": comparison.to_dict() if comparison else None})
     with atomic_output(paths["report.md"]) as tmp:
-        tmp.write_text(markdown_report(rows, env, model) + (f"\n{comparison.markdown()}" if comparison else ""))
+        tmp.write_text(markdown_report(rows, env, model, weights) + (f"\n{comparison.markdown()}" if comparison else ""))
+    caption = "\n".join(what_was_measured(env, weights))
     for name, draw in (("throughput.png", _throughput_chart), ("latency.png", _latency_chart)):
         with atomic_output(paths[name]) as tmp:
-            draw(rows, model, tmp)
+            draw(rows, model, tmp, caption)
     return paths
 
 
@@ -39,46 +40,71 @@ def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value else ""
 
 
-def markdown_report(rows: list[Row], env: dict, model: str) -> str:
-    """A table a person can read: latency, throughput, speed-ups within each device, agreement; then the
-    baselines each device's speed-ups divide by, notes, and the fastest row per precision, batch and clock."""
+#: The table's columns: header, alignment, and the cell of an ok row.
+COLUMNS = [
+    ("backend", "---", lambda r: r.backend), ("precision", "---", lambda r: r.precision),
+    ("batch", "---:", lambda r: str(r.batch)), ("timing", "---", lambda r: r.timing),
+    ("device", "---", lambda r: r.device),
+    ("threads set", "---", lambda r: "" if r.threads_setting is None else str(r.threads_setting)),
+    ("cores busy", "---:", lambda r: f"{r.cores_busy:.2f}"),
+    *((f"{p} ms", "---:", lambda r, p=p: f"{r.latency_ms[p]:.2f}") for p in ("p50", "p90", "p99", "mean")),
+    ("img/s", "---:", lambda r: f"**{r.throughput:.1f}** (fastest)" if r.fastest else f"{r.throughput:.1f}"),
+    ("vs torch fp32 (same device)", "---:", lambda r: _ratio(r.speedup_vs_torch)),
+    ("vs best torch", "---:", lambda r: _ratio(r.speedup_vs_best_torch)),
+    ("top-1 agree", "---:", lambda r: "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"),
+    ("max abs err", "---:", lambda r: "" if r.max_abs_err is None else f"{r.max_abs_err:.3g}"),
+    ("gate", "---", lambda r: r.gate or ""),
+    ("compile s", "---:", lambda r: "" if r.compile_seconds is None else f"{r.compile_seconds:.1f}"),
+]
+
+
+def _columns(rows: list[Row]) -> list[tuple]:
+    """The columns some ok row fills; "vs best torch" only where it says more than "vs torch fp32" somewhere."""
+    ok = [r for r in rows if r.status == "ok"]
+    kept = [c for c in COLUMNS if c[0] in ("backend", "precision", "batch") or any(c[2](r) for r in ok)]
+    if all(r.speedup_vs_best_torch in (None, r.speedup_vs_torch) for r in ok):
+        kept = [c for c in kept if c[0] != "vs best torch"]
+    return kept
+
+
+def what_was_measured(env: dict, weights: str | None) -> list[str]:
+    """The lines that say what a report measured: machine, versions, weights, calibration and INT8 forms."""
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    lines = [
-        f"# Benchmark: {model}",
-        "",
-        f"CPU: {env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_flags']) or 'no AVX2'}), threads requested: {env['threads_requested'] or 'library defaults'}, "
-        f"GPU: {env['gpu'] or 'none'}" + (", TF32 allowed in FP32 rows" if env.get("tf32_allowed") else ""),
-        f"Versions: {versions}",
-        "",
-        "| backend | precision | batch | timing | device | threads set | cores busy | p50 ms | p90 ms | p99 ms | mean ms | img/s "
-        "| vs torch fp32 (same device) | vs best torch | top-1 agree | max abs err | compile s |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = [f"CPU: {env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_flags']) or 'no AVX2'}), threads requested: "
+             f"{env['threads_requested'] or 'library defaults'}, GPU: {env['gpu'] or 'none'}"
+             + (", TF32 allowed in ONNX Runtime's and TensorRT's FP32 rows" if env.get("tf32_allowed") else ""),
+             f"Versions: {versions}"]
+    if weights:
+        lines.append(f"Weights: {weights}" + (" (top-1 agreement compares near-tie logits: each row is gated on "
+                                              "fidelity instead)" if weights == "random" else ""))
+    if env.get("int8"):
+        lines.append(f"INT8: {env['int8']}")
+    return lines
+
+
+def markdown_report(rows: list[Row], env: dict, model: str, weights: str | None = None) -> str:
+    """A table a person can read: latency, throughput, speed-ups within each device, agreement and gate (columns no
+    row fills are left out); then the baselines each device's speed-ups divide by, notes, and the fastest row per
+    precision, batch and clock."""
+    columns = _columns(rows)
+    lines = [f"# Benchmark: {model}", "", *what_was_measured(env, weights), "",
+             "| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join(c[1] for c in columns) + "|"]
     notes = []
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} |" + " |" * 13)
+            lines.append(f"| {r.backend} | {r.precision} | {r.batch} | {r.status}: {r.reason} |"
+                         + " |" * (len(columns) - 4))
             continue
-        lat = r.latency_ms
-        throughput = f"**{r.throughput:.1f}** (fastest)" if r.fastest else f"{r.throughput:.1f}"
-        agreement = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
-        error = "" if r.max_abs_err is None else f"{r.max_abs_err:.3g}"
-        compiled = "" if r.compile_seconds is None else f"{r.compile_seconds:.1f}"
         if r.note and r.note not in notes:
             notes.append(r.note)
-        lines.append(
-            f"| {r.backend} | {r.precision} | {r.batch} | {r.timing} | {r.device} | "
-            f"{r.threads_setting if r.threads_setting is not None else ''} | {r.cores_busy:.2f} | "
-            f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['mean']:.2f} | {throughput} | "
-            f"{_ratio(r.speedup_vs_torch)} | {_ratio(r.speedup_vs_best_torch)} | {agreement} | {error} | {compiled} |"
-        )
+        lines.append("| " + " | ".join(c[2](r) for c in columns) + " |")
     lines += ["", "Speed-ups divide by PyTorch FP32 of the same batch on the same device, in this run:"]
     for name in sorted({r.device for r in rows if r.status == "ok"}):
         base = next((r for r in rows if r.device == name and r.baseline and r.backend == "torch"
                      and r.precision == "fp32" and r.streams == 1), None)
         lines.append(f"- {name}: " + (f"by torch fp32 ({base.timing})" if base
                                        else "no PyTorch FP32 row on this device in this run: no speed-up"))
-    if any(r.speedup_vs_best_torch for r in rows):
+    if any(c[0] == "vs best torch" for c in columns):
         lines.append("- vs best torch: by the fastest PyTorch row (eager or torch.compile, any precision) of the "
                      "same device and batch")
     if any(r.compile_seconds is not None for r in rows):
@@ -120,7 +146,16 @@ def _series(rows: list[Row]) -> dict[str, list[Row]]:
     return series
 
 
-def _throughput_chart(rows: list[Row], model: str, path: Path) -> None:
+def _caption(fig, caption: str) -> None:
+    """The machine, versions and weights under a chart, so a PNG read alone still says what it measured."""
+    import textwrap
+
+    text = "\n".join(textwrap.fill(line, 150) for line in caption.splitlines())
+    fig.text(0.01, 0.005, text, fontsize=6, va="bottom", ha="left", color="0.3")
+    fig.tight_layout(rect=(0, 0.04 + 0.022 * text.count("\n"), 1, 1))
+
+
+def _throughput_chart(rows: list[Row], model: str, path: Path, caption: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,12 +171,12 @@ def _throughput_chart(rows: list[Row], model: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a report written before any row ran (gpu_check) has none
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    _caption(fig, caption)
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 
-def _latency_chart(rows: list[Row], model: str, path: Path) -> None:
+def _latency_chart(rows: list[Row], model: str, path: Path, caption: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +189,8 @@ def _latency_chart(rows: list[Row], model: str, path: Path) -> None:
         ax.bar(x + offset, [r.latency_ms[key] for r in ok], width=0.25, label=key)
     ax.set_xticks(x, labels=[f"{r.backend}\n{r.precision} b{r.batch}" for r in ok], fontsize=7)
     ax.set(ylabel="latency (ms)", title=f"{model}: latency percentiles", yscale="log")
-    ax.legend()
-    fig.tight_layout()
+    if ok:
+        ax.legend()
+    _caption(fig, caption)
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

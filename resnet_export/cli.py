@@ -22,6 +22,16 @@ from .errors import EXIT_USER_ERROR, ResnetExportError, first_line
 class ToolkitGroup(click.Group):
     """A click group that shows the library's logs and progress, and turns its errors into one line."""
 
+    def main(self, args=None, *rest, **kwargs):
+        """``--debug`` anywhere on the line (``resnet-export onnx --debug``) counts as the group's option."""
+        import sys
+
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args[1:]:
+            args.remove("--debug")
+            args.insert(0, "--debug")
+        return super().main(args, *rest, **kwargs)
+
     def invoke(self, ctx: click.Context):
         import logging
 
@@ -56,7 +66,7 @@ class ToolkitGroup(click.Group):
 
 
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (anywhere on the line).")
 @click.version_option(__version__, prog_name="resnet-export")
 def main(debug: bool) -> None:
     """Deploy PyTorch ResNets: folded FP32 ONNX verified against PyTorch, and more."""
@@ -112,15 +122,28 @@ def _parse_batch(_ctx, _param, value: str):
     raise click.BadParameter(f"'{value}' is neither 'dynamic' nor a positive integer")
 
 
-PREPROCESSING_OPTIONS = (
-    click.option("--resize", type=click.IntRange(min=1), metavar="N",
-                 help="Shorter side before the center crop, as trained (the input size: no crop, images of that size "
-                      "used as they are; default: the weights' transforms, else input size x 256/224)."),
-    click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]),
-                 help="Resize interpolation (default: the weights' transforms, else bilinear)."),
-    click.option("--mean", callback=_parse_floats, metavar="M[,M,...]", help="Normalisation mean per channel."),
-    click.option("--std", callback=_parse_floats, metavar="S[,S,...]", help="Normalisation std per channel."),
-)
+def preprocessing_options(default: str) -> tuple:
+    """``--resize/--interpolation/--mean/--std``, their help saying what applies when they are not given."""
+    return (
+        click.option("--resize", type=click.IntRange(min=1), metavar="N",
+                     help="Shorter side before the center crop, as trained (the input size: no crop, images of that "
+                          f"size used as they are; default: {default['resize']})."),
+        click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]),
+                     help=f"Resize interpolation (default: {default['interpolation']})."),
+        click.option("--mean", callback=_parse_floats, metavar="M[,M,...]",
+                     help=f"Normalisation mean per channel (default: {default['mean']})."),
+        click.option("--std", callback=_parse_floats, metavar="S[,S,...]",
+                     help=f"Normalisation std per channel (default: {default['std']})."),
+    )
+
+
+#: Defaults of a model loaded here, and of an ONNX made elsewhere (no toolkit metadata).
+MODEL_PREPROCESSING = preprocessing_options({
+    "resize": "the weights' transforms, else input size x 256/224", "interpolation": "the weights' transforms, else "
+    "bilinear", "mean": "the weights' transforms, else ImageNet's", "std": "the weights' transforms, else ImageNet's"})
+FOREIGN_PREPROCESSING = preprocessing_options({
+    "resize": "none, images resized to the graph's input size", "interpolation": "bilinear", "mean": "0",
+    "std": "1"})
 
 
 def foreign_preprocessing_options(command):
@@ -132,7 +155,7 @@ def foreign_preprocessing_options(command):
         given = {"resize": resize, "interpolation": interpolation, "mean": mean, "std": std}
         return command(stated={k: v for k, v in given.items() if v is not None}, **kwargs)
 
-    return _with_options(PREPROCESSING_OPTIONS, wrapper)
+    return _with_options(FOREIGN_PREPROCESSING, wrapper)
 
 
 MODEL_OPTIONS = (
@@ -143,7 +166,7 @@ MODEL_OPTIONS = (
     click.option("--num-classes", type=click.IntRange(min=1), help="Output classes (--arch only)."),
     click.option("--in-channels", type=click.IntRange(min=1), help="Input channels; != 3 replaces the stem conv (--arch only)."),
     click.option("--input-size", callback=_parse_size, metavar="H[xW]", help="Input size (default: the weights' transforms, else 224)."),
-    *PREPROCESSING_OPTIONS,
+    *MODEL_PREPROCESSING,
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init and random inputs."),
 )
 
@@ -177,9 +200,10 @@ def _with_options(options, command):
     return command
 
 
-def _output_option(suffix: str):
-    return click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-                        help=f"Output file ({suffix}); its manifest is written beside it as {suffix}.json.")
+def _output_option(suffix: str, default: str):
+    return click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                        help=f"Output file ({suffix}; default: {default} in the current directory); its manifest is "
+                             f"written beside it as {suffix}.json.")
 
 
 # --------------------------------------------------------------------------- commands
@@ -203,15 +227,17 @@ def list_archs() -> None:
 @click.option("--batch", default="dynamic", callback=_parse_batch, show_default=True, help="'dynamic' or a fixed batch size.")
 @click.option("--images", type=click.Path(path_type=Path), help="Verify on these images (ImageFolder layout gives labels).")
 @click.option("--no-verify", is_flag=True, help="Skip the verification against PyTorch.")
-@_output_option("OUT.onnx")
+@_output_option("OUT.onnx", "MODEL.onnx, e.g. resnet50.onnx")
 def onnx(load, seed, opset, batch, images, no_verify, output) -> None:
     """Export a folded FP32 ONNX model and verify it against PyTorch."""
     from .export import DEFAULT_OPSET
     from .manifest import check_writable_dir
-    from .pipeline import onnx_from_model
+    from .pipeline import default_output, onnx_from_model
 
-    check_writable_dir(output)
+    if output:
+        check_writable_dir(output)
     loaded = load()
+    output = output or default_output(loaded.stem)
     result = onnx_from_model(loaded, output, opset=opset or DEFAULT_OPSET, batch=batch, images=images,
                              run_verification=not no_verify, seed=seed)
     left = len(result.onnx_fold.unfoldable)
@@ -226,13 +252,15 @@ def onnx(load, seed, opset, batch, images, no_verify, output) -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the input on ONNX Runtime.")
 @foreign_preprocessing_options
-@_output_option("OUT.onnx")
+@_output_option("OUT.onnx", "IN.folded.onnx")
 def fold(source, no_verify, stated, output) -> None:
     """Fold Conv -> BatchNormalization in an ONNX file made elsewhere, verified on ONNX Runtime.
 
     --resize, --interpolation, --mean and --std state its preprocessing, stored for later stages.
     """
     from .pipeline import fold_onnx_file, foreign_preprocessing
+
+    output = output or Path(f"{source.stem}.folded.onnx")
 
     result = fold_onnx_file(source, output, run_verification=not no_verify,
                             preprocessing=foreign_preprocessing(source, stated))
@@ -244,17 +272,24 @@ def fold(source, no_verify, stated, output) -> None:
     click.echo(f"{line}; preprocessing: {result.preprocessing.describe()}")
 
 
-def precision_options(command):
-    """Add the options shared by ``quantize`` and ``trt``: precision, calibration, gates.
+def precision_options(cpu_target: bool):
+    """Add the options shared by ``quantize`` and ``trt``: precision, calibration, gates; the calibration methods of
+    the TensorRT target, and of the CPU target where the command makes it (``cpu_target``).
 
     The command receives ``make_request(required, **more)``, which builds the PrecisionRequest.
     """
+    return functools.partial(_precision_options, cpu_target=cpu_target)
+
+
+def _precision_options(command, cpu_target: bool):
+    choices = ["entropy", "max", "percentile"] + (["minmax"] if cpu_target else [])
+    methods = "trt target: entropy (default), max, percentile" + (
+        "; cpu target: minmax (default), entropy, percentile" if cpu_target else "")
     options = (
         click.option("--fp16", is_flag=True, help="FP16 via ModelOpt AutoCast (FP32 inputs and outputs kept)."),
         click.option("--int8", is_flag=True, help="INT8 with explicit Q/DQ nodes, calibrated on --calib."),
         click.option("--calib", type=click.Path(path_type=Path), help="Calibration images (searched recursively) or a .npy/.npz of preprocessed inputs."),
-        click.option("--calib-method", type=click.Choice(["entropy", "max", "minmax", "percentile"]),
-                     help="trt target: entropy (default), max, percentile; cpu target: minmax (default), entropy, percentile."),
+        click.option("--calib-method", type=click.Choice(choices), help=f"{methods}."),
         click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True, help="Calibration images to use (seeded choice)."),
         click.option("--val", type=click.Path(path_type=Path), help="Verification images (default: calibration folder images not used to calibrate)."),
         click.option("--min-agreement", type=click.FloatRange(0, 1), help="INT8 top-1 agreement to reach; keeps sensitive convs in higher precision until met."),
@@ -309,7 +344,7 @@ def _precision_line(result) -> str:
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@precision_options
+@precision_options(cpu_target=True)
 @click.option("--target", type=click.Choice(["trt", "cpu"]), default="trt", show_default=True,
               help="trt: ModelOpt Q/DQ for TensorRT (rest per --rest); cpu: ONNX Runtime u8/s8 per-channel QDQ.")
 @click.option("--cpu", "cpu_form", type=click.Choice(["portable", "vnni"]), default="portable", show_default=True,
@@ -318,23 +353,24 @@ def _precision_line(result) -> str:
                    "ONNX Runtime's kernels saturate and accuracy collapses).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration choice and random inputs.")
 @foreign_preprocessing_options
-@_output_option("OUT.onnx")
+@_output_option("OUT.onnx", "IN.fp16.onnx, IN.int8.onnx (trt target) or IN.cpu-int8.onnx")
 def quantize(source, make_request, target, cpu_form, seed, stated, output):
     """Make an FP16 or INT8 (Q/DQ) ONNX from an FP32 ONNX, verified against it.
 
     For an ONNX made elsewhere, --resize, --interpolation, --mean and --std state its preprocessing.
     """
-    from .pipeline import foreign_preprocessing, precision_from_onnx
+    from .pipeline import default_output, foreign_preprocessing, precision_from_onnx
 
-    result = precision_from_onnx(source, output, make_request(True, target=target, seed=seed, cpu_form=cpu_form),
-                                 preprocessing=foreign_preprocessing(source, stated))
+    request = make_request(True, target=target, seed=seed, cpu_form=cpu_form)
+    output = output or default_output(source.stem, request.precision, target)
+    result = precision_from_onnx(source, output, request, preprocessing=foreign_preprocessing(source, stated))
     click.echo(f"{source} -> {output}: {_precision_line(result)}")
 
 
 @main.command()
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Build from this ONNX instead of exporting MODEL.")
 @model_options
-@precision_options
+@precision_options(cpu_target=False)
 @click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Optimization profile: smallest batch.")
 @click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Optimization profile: batch to tune for.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True, help="Optimization profile: largest batch.")
@@ -346,17 +382,23 @@ def quantize(source, make_request, target, cpu_form, seed, stated, output):
 @click.option("--tf32/--no-tf32", default=False, show_default=True,
               help="Let FP32 layers compute in TF32 (TensorRT's and trtexec's default; the FP32 gate becomes FP16's).")
 @click.option("--onnx-only", is_flag=True, help="Stop after writing OUT.onnx (the engine is built elsewhere).")
-@_output_option("OUT.plan")
+@_output_option("OUT.plan", "MODEL.PRECISION.plan, e.g. resnet50.int8.plan, beside resnet50.int8.onnx")
 def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, workspace, timing_cache,
         builder_opt_level, version_compatible, hardware_compat, tf32, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
-    from .pipeline import trt_from_source
+    from .pipeline import default_output, trt_from_source
     from .trt import BatchProfile, BuildOptions, check_profile
 
-    request = make_request(False, target="trt", seed=seed)
+    request = make_request(False, target="trt", seed=seed)  # checks the calibration data before any export
     profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
     options = BuildOptions(workspace, str(timing_cache) if timing_cache else None, builder_opt_level,
                            version_compatible, hardware_compat, tf32)
+    if output is None and onnx_path and request.precision == "fp32":  # the hand-off: the ONNX's name says it all
+        output = Path(f"{onnx_path.stem}.plan")
+    elif output is None:
+        loaded = None if onnx_path else load()
+        load = (lambda: loaded) if loaded else load
+        output = default_output(onnx_path.stem if onnx_path else loaded.stem, request.precision, suffix=".plan")
     source = {"onnx_path": onnx_path} if onnx_path else {"load": load}
     result = trt_from_source(output, **source, request=request, profile=profile, options=options, onnx_only=onnx_only)
     if result.fp32:
@@ -381,9 +423,10 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
 @click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="What runs an ONNX: ONNX Runtime (and its exact run for INT8), or OpenVINO compiled for this CPU.")
 def verify_command(artifact, load, seed, images, precision, backend):
-    """Compare an ONNX file or a TensorRT plan with PyTorch, using its precision's gate.
+    """Compare an ONNX file or a TensorRT plan with PyTorch, using the gate of its precision and weights.
 
-    Without MODEL, against the PyTorch logits the artifact (a plan: its ONNX) recorded when it was made.
+    With the model options (--arch or --model, --weights, ...), against that PyTorch model; without them, against
+    the PyTorch logits the artifact (a plan: its ONNX) recorded when it was made.
     """
     from .cpu import cpu_info, describe_cpu
     from .pipeline import recorded_verification, verify_artifact
@@ -402,9 +445,16 @@ def verify_command(artifact, load, seed, images, precision, backend):
     click.echo(line + ": PASS")
 
 
+#: The command line's backend names (as predict, verify and bench spell them) -> Triton's.
+TRITON_BACKENDS = {"ort": "onnxruntime", "openvino": "openvino"}
+ALLOW_FAILED = click.option("--allow-failed", is_flag=True,
+                            help="Serve an artifact whose manifest says it failed its gate (refused otherwise; a "
+                                 "warning says so on every run).")
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("images", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to keep per image.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Images per inference batch.")
 @click.option("--backend", type=click.Choice(["ort", "openvino", "trt"]),
@@ -418,14 +468,23 @@ def verify_command(artifact, load, seed, images, precision, backend):
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="OUT.jsonl (one object per image) or OUT.csv (path, then index, class, score per rank); rows "
                    "stream to OUT.partial, renamed to OUT when the folder is done.")
-def predict(artifact, images, top_k, batch, backend, ray_address, workers, resume, output):
-    """Run an ONNX file or a plan on every image under IMAGES; write the top-k classes of each."""
-    from .predict import predict_folder
+@ALLOW_FAILED
+def predict(artifact, images, top_k, batch, backend, ray_address, workers, resume, output, allow_failed):
+    """Run an ONNX file or a plan on IMAGES (a folder, searched recursively, or image files); write the top-k classes
+    of each."""
+    from .predict import partial_path, predict_folder
 
-    result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend,
-                            ray_address=ray_address, workers=workers, resume=resume)
+    try:
+        result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend,
+                                ray_address=ray_address, workers=workers, resume=resume, allow_failed=allow_failed)
+    except KeyboardInterrupt:
+        partial = partial_path(output)
+        if partial.exists():
+            click.echo(f"Interrupted: the rows so far are in {partial}; run the same command with --resume to "
+                       "continue", err=True)
+        raise click.exceptions.Exit(130) from None
     backend = f"{result.backend}; {result.verified}" if result.verified else result.backend
-    line = f"{artifact} on {images} ({backend}): {result.predicted} images -> {output}"
+    line = f"{artifact} on {' '.join(map(str, images))} ({backend}): {result.predicted} images -> {output}"
     if result.resumed:
         line += f" ({result.resumed} from the interrupted run)"
     if result.skipped:
@@ -457,24 +516,26 @@ def trend(reports, output):
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model repository folder.")
 @click.option("--name", help="Model name (default: the artifact's stem, sanitized).")
 @click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True, help="Model version folder.")
-@click.option("--max-batch", type=click.IntRange(min=0), help="max_batch_size (default: the plan's profile max, 8 for a dynamic ONNX).")
+@click.option("--max-batch", type=click.IntRange(min=0), help="max_batch_size (default: the plan's profile max, 32 for a dynamic ONNX, as trt's).")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances.")
 @click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True, help="Instance kind (a plan: GPU).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True, help="Dynamic batcher queue delay.")
 @click.option("--preferred-batch", callback=_parse_positive_ints, metavar="N[,N,...]",
               help="Preferred batch sizes (default: none, Triton's advice).")
 @click.option("--ort-trt", is_flag=True, help="ONNX Runtime's TensorRT accelerator for an ONNX on GPU, with profile shapes.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
-              help="Triton backend for an ONNX; openvino runs on CPU instances (the CPU peer for a CPU-target INT8).")
+@click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Triton backend for an ONNX: ort (Triton's onnxruntime backend) or openvino, on CPU instances (the CPU "
+                   "peer for a CPU-target INT8).")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Class names, one per line (default: the artifact's).")
 @click.option("--force", is_flag=True, help="Replace an existing version.")
+@ALLOW_FAILED
 def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_queue_delay_us, preferred_batch, ort_trt,
-           backend, labels, force):
+           backend, labels, force, allow_failed):
     """Write a Triton model repository entry (config.pbtxt, VERSION/model.onnx|model.plan, labels, README)."""
     from .triton import TritonRequest, triton_entry
 
     request = TritonRequest(name, model_version, max_batch, instances, kind, max_queue_delay_us,
-                            preferred_batch or (), ort_trt, labels, force, backend)
+                            preferred_batch or (), ort_trt, labels, force, TRITON_BACKENDS[backend], allow_failed)
     result = triton_entry(artifact, repo, request)
     click.echo(f"{artifact} -> {result.model_dir}: {result.backend} backend, version {model_version}, max_batch_size "
                f"{result.max_batch_size}, {result.labels or 'no'} labels; config validated as Triton's ModelConfig")
@@ -510,7 +571,8 @@ def inspect(artifact, as_json):
                    "spell of the machine falls on every row alike.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch, ONNX Runtime and OpenVINO.")
 @click.option("--calib", type=click.Path(path_type=Path), help="INT8 calibration images or .npy/.npz (default: seeded random inputs).")
-@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
+@click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Calibration images to use, as quantize and trt (without --calib: 64 seeded random inputs).")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: report.json, report.md, throughput.png, latency.png; artifacts/ inside.")
 @click.option("--baseline", type=click.Path(exists=True, path_type=Path),
@@ -525,8 +587,9 @@ def inspect(artifact, as_json):
               help="Also time each GPU row with this many runners at once, each on its own stream and thread.")
 @click.option("--plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Time this TensorRT plan alone (trtexec --loadEngine): precision and reference from its manifest.")
+@ALLOW_FAILED
 def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, rounds, threads, calib, calib_size,
-          report, baseline, max_regression, tf32, cuda_graph, streams, plan):
+          report, baseline, max_regression, tf32, cuda_graph, streams, plan, allow_failed):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
     from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, prepare_report, run_benchmark
     from .errors import GateFailed
@@ -544,7 +607,7 @@ def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time
                         streams)
     prepare_report(report)  # before the model loads: a bad folder fails at once
     paths, comparison = run_benchmark(None if plan else load(), report, backends, precisions, settings, calib,
-                                      calib_size, seed, baseline, max_regression, plan)
+                                      calib_size, seed, baseline, max_regression, plan, allow_failed)
     click.echo(paths["report.md"].read_text())
     click.echo(f"Reports: {', '.join(str(p) for p in paths.values())}")
     if comparison and comparison.regressions:

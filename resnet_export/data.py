@@ -63,13 +63,29 @@ def find_images(directory: str | Path) -> tuple[list[Path], list[str] | None]:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not paths:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}: "
-            f"{len(files)} files skipped, none with an image suffix"
-        )
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}: "
+                        + (f"{len(files)} files, none with an image suffix" if files else "the folder is empty"))
     depths = {len(p.relative_to(root).parts) for p in paths}
     classes = sorted({p.relative_to(root).parts[0] for p in paths}) if depths == {2} else None
     return paths, classes
+
+
+def images_given(sources: list[str | Path]) -> tuple[Path, list[Path], list[str] | None]:
+    """A folder (``find_images``), one image file or several: the folder (or the files' common folder), the images,
+    and the ImageFolder classes (a folder's only)."""
+    sources = [Path(s) for s in sources]
+    if len(sources) == 1 and sources[0].is_dir():
+        return sources[0], *find_images(sources[0])
+    for path in sources:
+        if path.is_dir():
+            raise DataError(f"{path} is a folder: give one folder, or image files")
+        if not path.is_file():
+            raise DataError(f"image {path} does not exist")
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)})")
+    import os
+
+    return Path(os.path.commonpath([p.resolve().parent for p in sources])), sources, None
 
 
 def class_indices(classes: list[str], class_names: list[str] | None) -> tuple[dict[str, int], bool]:
@@ -123,12 +139,12 @@ def read_image(path: str | Path, spec: Preprocessing) -> tuple[np.ndarray | None
 
 def decode_readable(paths: list[Path], spec: Preprocessing,
                     advance=lambda steps=1: None) -> tuple[list[np.ndarray], list[Path], list[str]]:
-    """The preprocessed arrays of the readable ``paths``, those paths, and ``NAME (error)`` for the others."""
+    """The preprocessed arrays of the readable ``paths``, those paths, and ``PATH (error)`` for the others."""
     arrays, kept, failures = [], [], []
     for path in paths:
         array, error = read_image(path, spec)
         if error:
-            failures.append(f"{path.name} ({error})")
+            failures.append(f"{path.parent.name}/{path.name} ({error})")  # its folder too: names repeat across classes
         else:
             arrays.append(array)
             kept.append(path)
@@ -210,8 +226,8 @@ def calibration_split(
     paths, classes = find_images(root)
     calibrate, held = split_counts(len(paths), size, held_out_limit)
     order = np.random.default_rng(seed).permutation(len(paths))
-    if calibrate < size:
-        log.warning(f"{root} has {len(paths)} images, too few for `calib_size` {size}"
+    if calibrate < size:  # what the summary line counts; a default larger than the folder is no fault
+        log.info(f"{root} has {len(paths)} images, fewer than `calib_size` {size}"
                     + (f" and a held-out share: calibrating on {calibrate}, verifying on {held}" if held else
                        f": calibrating on all of them"))
     chosen = [paths[i] for i in sorted(order[:calibrate])]
@@ -252,6 +268,20 @@ def verification_inputs(loaded: "LoadedModel", images: str | Path | None, count:
     return random_inputs(loaded.preprocessing, count, seed)
 
 
+def check_calibration_source(calib: str | Path) -> None:
+    """Raise DataError, naming what was given, unless ``calib`` is an image folder with images, a .npy or a .npz."""
+    calib = Path(calib)
+    if calib.is_file() and calib.suffix in (".npy", ".npz"):
+        return
+    if calib.is_file():
+        kind = "an image" if calib.suffix.lower() in IMAGE_SUFFIXES else f"a {calib.suffix or 'suffix-less'} file"
+        raise DataError(f"calibration data {calib} is {kind}: give the folder of images that holds it (searched "
+                        "recursively), or a .npy/.npz of preprocessed inputs")
+    if not calib.is_dir():
+        raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
+    find_images(calib)
+
+
 def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: int,
                      held_out: bool = True) -> tuple[Inputs, Inputs | None]:
     """Calibration inputs and, when ``held_out``, the held-out rest, from an image folder or a ``.npy``/``.npz``.
@@ -263,12 +293,11 @@ def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: in
     if calib.is_file() and calib.suffix in (".npy", ".npz"):
         arrays = array_inputs(calib, spec)
         calibrate, held = split_counts(len(arrays.array), size, limit)
-        if calibrate < size:
-            log.warning(f"{calib} has {len(arrays.array)} arrays, too few for `calib_size` {size}: "
+        if calibrate < size:  # as for a folder: what the summary line counts, no fault
+            log.info(f"{calib} has {len(arrays.array)} arrays, fewer than `calib_size` {size}: "
                         f"calibrating on {calibrate}" + (f", verifying on {held}" if held else ""))
         head, rest = arrays.array[:calibrate], arrays.array[calibrate:calibrate + held]
         kept = Inputs(rest, None, held_out_description(len(rest), f"arrays from {calib.name}")) if held else None
         return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept
-    if not calib.is_dir():
-        raise DataError(f"calibration data {calib} does not exist (an image folder, .npy or .npz)")
+    check_calibration_source(calib)
     return calibration_split(calib, spec, size, seed, held_out_limit=limit)

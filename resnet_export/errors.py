@@ -6,6 +6,7 @@ import re
 
 #: Exit codes, documented in the README.
 EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
 EXIT_GATE_FAILED = 3
 EXIT_TRT_UNAVAILABLE = 4
 
@@ -30,6 +31,12 @@ class OutputError(ResnetExportError):
 
 class OnnxError(ResnetExportError):
     """An ONNX file is missing, invalid, or its export failed."""
+
+
+class UnverifiedArtifact(ResnetExportError):
+    """An artifact whose manifest says it failed its gate, asked to be served (refused unless allowed)."""
+
+    exit_code = EXIT_USAGE
 
 
 class GateFailed(ResnetExportError):

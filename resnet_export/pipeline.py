@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .progress import task
-from .data import Inputs, calibration_data, image_inputs, random_inputs, verification_inputs
+from .data import Inputs, calibration_data, check_calibration_source, image_inputs, random_inputs, verification_inputs
 from .errors import OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mode
@@ -268,6 +268,7 @@ class PrecisionRequest:
             check_method(self.target, self.method)
             if self.calib is None:
                 raise PrecisionError("int8 needs calibration data (`calib`)")
+            check_calibration_source(self.calib)  # when asked, not after an export: an empty folder fails at once
         if self.rest not in REST_CHOICES:
             raise PrecisionError(f"unknown rest precision '{self.rest}'; choose one of {', '.join(REST_CHOICES)}")
         if self.rest != "auto" and not self.trt_int8:
@@ -287,9 +288,9 @@ class PrecisionRequest:
         """Whether this is INT8 for TensorRT (the case with a rest precision and reusable ranges)."""
         return self.precision == "int8" and self.target == "trt"
 
-    def gate(self) -> Gate:
-        """The precision's gate with the requested INT8 thresholds."""
-        gate = GATES[self.precision]
+    def gate(self, random_weights: bool = False) -> Gate:
+        """The precision's gate for weights of that kind (``plan_gate``) with the requested INT8 thresholds."""
+        gate = plan_gate(self.precision, random_weights)
         if self.min_agreement is not None:
             gate = replace(gate, min_top1_agreement=self.min_agreement)
         if self.min_cosine is not None:
@@ -341,7 +342,8 @@ def precision_from_onnx(
         inputs = image_inputs(val, spec) if val else held_out
     else:
         inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
-    gate, custom_gate = request.gate(), request.custom_gate
+    random_weights = weights_random(source)  # gated on fidelity alone: their top-1 decisions are near-ties
+    gate, custom_gate = request.gate(random_weights), request.custom_gate
     reference_label = PYTORCH if reference is not None else stand_in_label(source)
     reference = reference or OrtRunner(source)
     attempts: list[Attempt] = []
@@ -408,11 +410,9 @@ def precision_from_onnx(
         attach(path, make_record(inputs, reference, spec, reference_label, "quantize"))
         backends = None
         if precision == "int8" and target == "cpu":
-            backends = _verified_on_openvino(path, reference, inputs, gate)
+            backends = _verified_on_openvino(path, output.name, reference, inputs, gate)
         with atomic_output(output) as tmp:
             shutil.copyfile(path, tmp)
-    source_info = read_metadata(source).get("source", {})
-    random_weights = "weights" in source_info and source_info["weights"] is None
     write_manifest(
         output,
         stage="quantize",
@@ -433,18 +433,23 @@ def precision_from_onnx(
         backends=backends,
     )
     verification.raise_if_failed(f"{output} failed the {precision.upper()} gate", " (artifact kept)")
+    if trt_int8:
+        from .serving import warn_if_trt_int8_on_a_cpu
+
+        warn_if_trt_int8_on_a_cpu(output)
     return PrecisionResult(output, record, verification, excluded, before, attempts, random_weights, reference.name,
                            spec)
 
 
-def _verified_on_openvino(path: Path, reference: Runner, inputs: Inputs, gate: Gate) -> dict | None:
-    """A CPU-target INT8 ONNX verified on OpenVINO too (what ``predict`` serves it with by default), against the same
-    reference, inputs and gate: the manifest's ``backends`` section, or None where OpenVINO is not installed."""
+def _verified_on_openvino(path: Path, name: str, reference: Runner, inputs: Inputs, gate: Gate) -> dict | None:
+    """A CPU-target INT8 ONNX (``path``, to be written as ``name``) verified on OpenVINO too (what ``predict`` serves it
+    with by default), against the same reference, inputs and gate: the manifest's ``backends`` section, or None where
+    OpenVINO is not installed."""
     from .serving import openvino_result, openvino_unavailable, verify_on_openvino
 
     if openvino_unavailable():
         return None
-    with task(log, f"Verifying {path.name} on OpenVINO on {inputs.description}"):
+    with task(log, f"Verifying {name} on OpenVINO on {inputs.description}"):
         verification = verify_on_openvino(path, reference, inputs, gate)
     if not verification.passed:
         log.warning(f"OpenVINO's INT8 run misses the gate on this CPU ({'; '.join(verification.failures)}): predict and "
@@ -622,7 +627,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
         inputs = image_inputs(images, spec) if images else random_inputs(spec, 8, seed)
         reference, described = TorchRunner(loaded.module), f"{PYTORCH} on {inputs.description}"
     exact = OrtRunner(artifact, exact=True) if isinstance(candidate, OrtRunner) and precision == "int8" else None
-    gate, sizes, slack = GATES[precision], None, 0
+    gate, sizes, slack = plan_gate(precision, onnx_path.is_file() and weights_random(onnx_path)), None, 0
     if isinstance(candidate, TrtRunner):  # every batch of the engine's optimization profile, as it was built
         options = (load_manifest(artifact) or {}).get("options", {})
         (gate, sizes), slack = _plan_checks(candidate, precision, onnx_path, options.get("tf32", False)), 1
@@ -698,7 +703,7 @@ def side_onnx_path(plan: Path, precision: str) -> Path:
 
 
 #: Precision parts of a file name that a default output name replaces rather than repeats.
-_PRECISION_PARTS = re.compile(r"\.(fp32|fp16|int8|cpu-int8|folded)$")
+_PRECISION_PARTS = re.compile(r"\.(fp32|fp16|int8|cpu-int8)$")
 
 
 def default_output(stem: str, precision: str = "fp32", target: str = "trt", suffix: str = ".onnx") -> Path:
@@ -763,9 +768,13 @@ def trt_from_source(
             return TrtResult(side_onnx, fp32_result, precision_result, None)
         reason = unavailable_reason()
         if reason:
+            checked = precision_result or fp32_result
+            passed = (f"passed its {(precision if precision_result else 'fp32').upper()} gate here (top-1 agreement "
+                      f"{checked.verification.metrics['top1_agreement']:.1%}, min cosine "
+                      f"{checked.verification.metrics['min_cosine']:.5f})" if checked else "was not re-verified here")
             raise TensorRTUnavailable(
-                f"cannot build {output}: {reason}. {side_onnx} is kept; build the engine on a machine with TensorRT "
-                f"and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
+                f"cannot build {output} here: {reason}. {side_onnx} is kept and {passed}; to finish on a machine with "
+                f"TensorRT and a GPU: resnet-export trt --onnx {side_onnx} -o {output}"
             )
         inputs = verification_inputs(loaded, val, seed=seed) if loaded else None
         engine = engine_from_onnx(side_onnx, output, profile=profile, options=options, reference=reference,

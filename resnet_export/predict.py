@@ -25,9 +25,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import DataError, decode_readable, find_images
+from .data import DataError, decode_readable, images_given
 from .inference import batch_sizes, label_index, open_artifact, ranked, row
-from .serving import serving_choice
+from .serving import check_served, serving_choice, warn_if_trt_int8_on_a_cpu
 from .manifest import check_not_input, check_writable_dir
 from .preprocessing import Preprocessing
 from .progress import task
@@ -99,10 +99,14 @@ class Tally:
         return self.correct / self.rows if self.index and self.rows else None
 
 
-def predict_folder(artifact: str | Path, images: str | Path, output: str | Path, *, top_k: int = 5,
+def predict_folder(artifact: str | Path, images: str | Path | list, output: str | Path, *, top_k: int = 5,
                    batch: int = 32, backend: str | None = None, ray_address: str | None = None,
-                   workers: int = 2, resume: bool = False) -> PredictResult:
-    """Run ``artifact`` on every image under ``images`` and write the ``top_k`` best classes to ``output``.
+                   workers: int = 2, resume: bool = False, allow_failed: bool = False) -> PredictResult:
+    """Run ``artifact`` on every image under ``images`` (a folder, or a list of image files) and write the ``top_k``
+    best classes to ``output``.
+
+    Served = verified (``serving.check_served``): an artifact whose manifest says it failed its gate is refused
+    unless ``allow_failed``.
 
     ``output`` ends in .jsonl (one object per image: path, topk of index, class, score) or .csv
     (path, then index, class, score per rank). Rows stream to ``OUT.partial``, renamed to ``output``
@@ -110,7 +114,8 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     an error). With ``ray_address`` (``"local"``, ``"auto"`` or ``"ray://host:port"``) the job runs
     on Ray Data; the rows are the same.
     """
-    artifact, images, output = Path(artifact), Path(images), Path(output)
+    artifact, output = Path(artifact), Path(output)
+    sources = [images] if isinstance(images, (str, Path)) else list(images)
     suffix = output.suffix.lower()
     if suffix not in FORMATS:
         raise DataError(f"output {output} must end in {' or '.join(FORMATS)}")
@@ -121,10 +126,13 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     check_not_input([output, partial], [artifact])
     if partial.exists() and not resume:
         raise DataError(f"{partial} is left from an interrupted run: pass `resume` to continue it, or delete it")
+    root, paths, classes = images_given(sources)
+    served = check_served(artifact, allow_failed)
+    if artifact.suffix == ".onnx":
+        warn_if_trt_int8_on_a_cpu(artifact)
     choice = serving_choice(artifact, backend)
     runner, spec, backend = open_artifact(artifact, choice.backend)
-    paths, classes = find_images(images)
-    tally = Tally(images, classes, spec)
+    tally = Tally(root, classes, spec)
     done = _read_partial(partial, suffix, top_k) if resume and partial.exists() else {}
     for path, top1 in done.items():
         tally.add(path, top1)
@@ -153,15 +161,16 @@ def predict_folder(artifact: str | Path, images: str | Path, output: str | Path,
     elapsed = time.perf_counter() - start
     if not tally.rows:
         partial.unlink(missing_ok=True)
-        raise DataError(f"no readable image among {len(paths)} files under {images}")
+        raise DataError(f"no readable image among {len(paths)} files under {root}")
     if skipped:
         log.warning(f"skipped {len(skipped)} unreadable images of {len(paths)}: {', '.join(skipped[:5])}"
                     + (", ..." if len(skipped) > 5 else ""))
     os.replace(partial, output)
     predicted_now = tally.rows - len(done)
     rate = predicted_now / elapsed if predicted_now and elapsed > 0 else None
+    verified = "; ".join(filter(None, [served if served != "verified" else "", choice.verified]))
     return PredictResult(output, tally.rows, skipped, tally.accuracy, backend, len(done), rate,
-                         len(ran_on) if ray_address else None, choice.verified)
+                         len(ran_on) if ray_address else None, verified)
 
 
 def _rows_locally(runner, spec: Preprocessing, paths: list[Path], top_k: int,

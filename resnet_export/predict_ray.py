@@ -73,7 +73,7 @@ def rows_on_ray(artifact: Path, backend: str, spec: Preprocessing, paths: list[P
         import ray
         from ray.data import ActorPoolStrategy
     except ImportError as exc:
-        raise DataError(f"`ray` needs Ray Data, which is not installed ({exc}): pip install 'resnet-export[ray]'") from exc
+        raise DataError(f"`ray` needs Ray Data, which is not installed ({exc}): pip install 'ray[data]'") from exc
     from .inference import row
 
     if not paths:

@@ -116,7 +116,7 @@ def openvino_ep_unavailable() -> str | None:
     try:
         import onnxruntime_ep_openvino  # noqa: F401
     except ImportError:
-        return "ONNX Runtime's OpenVINO plugin EP is not installed (pip install 'resnet-export[openvino]')"
+        return "ONNX Runtime's OpenVINO plugin EP is not installed (pip install onnxruntime-ep-openvino, Linux x86_64)"
     if not _openvino_ep_devices():
         from .cpu import cpu_info
 

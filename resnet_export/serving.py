@@ -56,6 +56,45 @@ def openvino_result(verification: Verification) -> dict:
     return {**verification.to_dict(), "kernel_class": kernel_class(cpu_info())}
 
 
+def check_served(artifact: Path, allow_failed: bool = False) -> str:
+    """Served = verified: how ``artifact``'s manifest says it was verified, in words, before any command serves it.
+
+    An artifact whose manifest records a failed gate is refused (UnverifiedArtifact, exit 2, naming the gate that
+    failed) unless ``allow_failed``, and then served with a warning on every run; one without a manifest, or made
+    without verification, is served with a one-line warning.
+    """
+    from .errors import UnverifiedArtifact
+
+    path = manifest_path(artifact)
+    manifest = json.loads(path.read_text()) if path.is_file() else None
+    verification = (manifest or {}).get("verification")
+    if not verification:
+        why = "has no manifest" if manifest is None else "was made without verification"
+        log.warning(f"{artifact.name} {why}: served unverified (nothing says it matches its model)")
+        return "unverified"
+    if verification.get("passed"):
+        return "verified"
+    failed = "; ".join(verification.get("failures") or ["its gate"])
+    if not allow_failed:
+        raise UnverifiedArtifact(f"{artifact} failed its gate when it was made ({failed}): not served; pass "
+                                 "`allow_failed` to serve it anyway")
+    log.warning(f"{artifact.name} FAILED its gate when it was made ({failed}): served anyway, as asked")
+    return "FAILED its gate, served as asked"
+
+
+def warn_if_trt_int8_on_a_cpu(artifact: Path) -> None:
+    """One line where a TensorRT-target INT8 ONNX is made or served on a machine without a CUDA GPU: on a CPU it runs
+    Q/DQ around float kernels, about half the FP32 model's speed (resnet50 under `predict` on a 2-core Xeon: 6.9 vs
+    14.5 img/s), and the CPU-target file is the one to serve there."""
+    from .device import cuda_gpus
+    from .onnx_graph import read_metadata
+
+    precision = read_metadata(artifact).get("precision", {})
+    if precision.get("dtype") == "int8" and precision.get("target") == "trt" and not cuda_gpus():
+        log.warning(f"{artifact.name} is INT8 for TensorRT: on a CPU it runs slower than the FP32 model (Q/DQ around "
+                    "float kernels); to serve on CPUs, make it with `--target cpu`")
+
+
 @dataclass
 class Choice:
     """The backend that serves an artifact, and why, in words."""

@@ -52,7 +52,8 @@ OPENVINO_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 #: OpenVINO element types -> Triton data types (the openvino-backend check reads the model through OpenVINO).
 OPENVINO_TYPES = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i8": "TYPE_INT8", "u8": "TYPE_UINT8",
                   "i32": "TYPE_INT32", "i64": "TYPE_INT64", "boolean": "TYPE_BOOL"}
-DEFAULT_MAX_BATCH = 8
+#: A dynamic ONNX's max_batch_size unless given: the largest batch of `trt`'s default profile, one default for both.
+DEFAULT_MAX_BATCH = 32
 #: The server option without which Triton's TensorRT backend refuses a version-compatible plan (tensorrt_backend README).
 VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
 
@@ -67,7 +68,7 @@ class TritonRequest:
 
     name: str | None = None
     version: int = 1
-    max_batch: int | None = None  # default: the plan's profile maximum, 8 for a dynamic ONNX
+    max_batch: int | None = None  # default: the plan's profile maximum, 32 for a dynamic ONNX (DEFAULT_MAX_BATCH)
     instances: int = 1
     kind: str = "auto"
     max_queue_delay_us: int = 100
@@ -76,6 +77,7 @@ class TritonRequest:
     labels: Path | None = None
     force: bool = False
     backend: str = "onnxruntime"  # for an ONNX: onnxruntime or openvino
+    allow_failed: bool = False  # serve an artifact whose manifest says it failed its gate (``serving.check_served``)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -270,7 +272,7 @@ def build_config(served: Served, name: str, request: TritonRequest, class_names:
         config["default_model_filename"] = served.model_filename
         parameters.update({key: {"string_value": value} for key, value in OPENVINO_PARAMETERS.items()})
     if served.preprocessing:
-        parameters.update({f"preprocessing_{k}": {"string_value": json.dumps(v)}
+        parameters.update({f"preprocessing_{k}": {"string_value": v if isinstance(v, str) else json.dumps(v)}
                            for k, v in served.preprocessing.items() if k != "class_names"})
     if parameters:
         config["parameters"] = parameters
@@ -427,7 +429,10 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
     Everything is validated first and staged beside its destination, then renamed into place: a
     failure leaves the repository as it was. An existing version is replaced only with ``force``.
     """
+    from .serving import check_served
+
     artifact, repo = Path(artifact), Path(repo)
+    check_served(artifact, request.allow_failed)
     served = describe_artifact(artifact)
     request = _verified_backend(artifact, request)
     name = request.name or sanitize(artifact.stem)

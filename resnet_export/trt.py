@@ -41,13 +41,25 @@ class EngineError(ResnetExportError):
     """An engine cannot be built, or a plan cannot run here."""
 
 
+#: Where TensorRT comes from: NVIDIA's packages on PyPI, which fetch the libraries from NVIDIA's own index.
+TENSORRT_INSTALL = ("on a machine with an NVIDIA GPU, pip install tensorrt-cu13 (CUDA 13 driver) or tensorrt-cu12 "
+                    "(CUDA 12), or pip install '.[trt]' from a checkout of resnet-export")
+
+
 def unavailable_reason() -> str | None:
-    """Why an engine cannot be built or run on this machine (None when TensorRT and a CUDA GPU are present)."""
+    """Why an engine cannot be built or run on this machine, naming each of TensorRT and a CUDA GPU that is missing
+    (None when both are here)."""
+    missing = []
     try:
         import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return f"TensorRT is not installed ({exc}); install it with: pip install 'resnet-export[trt]'"
-    return device.current().unavailable_reason()
+    except ImportError:
+        missing.append("TensorRT is not installed")
+    gpu = device.current().unavailable_reason()
+    if gpu:
+        missing.append(gpu)
+    if not missing:
+        return None
+    return " and ".join(missing) + (f" (TensorRT: {TENSORRT_INSTALL})" if "TensorRT" in missing[0] else "")
 
 
 def require_tensorrt(what: str) -> None:

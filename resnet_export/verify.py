@@ -57,7 +57,8 @@ RANDOM_WEIGHT_PLAN_GATES = {
 
 
 def plan_gate(precision: str, random_weights: bool, tf32: bool = False) -> Gate:
-    """The gate a plan (or a benchmark row) of ``precision`` must meet against PyTorch FP32.
+    """The gate an artifact (a plan, a precision ONNX, a benchmark row) of ``precision`` must meet against PyTorch
+    FP32: the one place gates are chosen by what the weights can show.
 
     Trained weights: the precision's gate (top-1 and accuracy mean something). Random weights: fidelity alone
     (``RANDOM_WEIGHT_PLAN_GATES``). An FP32 plan built with TF32 computes its convolutions with 10 mantissa
@@ -68,8 +69,10 @@ def plan_gate(precision: str, random_weights: bool, tf32: bool = False) -> Gate:
 
 
 #: An INT8 graph as ONNX Runtime's fused kernels run it on this CPU, against the same graph run exactly
-#: (graph optimizations off). Healthy: min cosine >= 0.998 and equal top-1; saturated: 0.24-0.62.
-KERNEL_GATE = Gate(min_top1_agreement=0.99, min_cosine=0.99)
+#: (graph optimizations off): two runs of one graph, judged by their outputs' closeness, not by top-1 (a near-tie
+#: flips on rounding alone: one flip in 7 rows of a random resnet50 at min cosine 0.9992). Healthy: min cosine
+#: >= 0.998; saturated: 0.24-0.65; the trained ResNet-18 whose top-1 survived saturation: 0.982.
+KERNEL_GATE = Gate(min_top1_agreement=0.0, min_cosine=0.99)
 
 
 @dataclass

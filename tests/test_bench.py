@@ -257,6 +257,27 @@ def test_fastest_backend_is_marked_per_precision_batch_and_clock():
     assert "- int8 batch 8, wall clock: **ort** (70.0 img/s; the only row)" in md
 
 
+def test_the_report_says_what_was_measured_and_leaves_out_columns_no_row_fills():
+    """Weights and INT8 form in the header; no "compile s" where nothing compiled, no "vs best torch" where it repeats
+    "vs torch fp32" (one PyTorch row), a gate column where rows were gated."""
+    def row(backend, img_s, speedup, best=None, compile_s=None):
+        return Row(backend, "fp32", 1, timing="wall clock, CPU", throughput=img_s, iterations=3, cores_busy=1.0,
+                   latency_ms={k: 1.0 for k in ("p50", "p90", "p99", "mean")}, top1_agreement=1.0, max_abs_err=0.0,
+                   speedup_vs_torch=speedup, speedup_vs_best_torch=best, compile_seconds=compile_s, gate="passed")
+
+    env = {"cpu": "x", "cores": 2, "cpu_flags": ["avx2"], "threads_requested": 2, "gpu": None,
+           "versions": {"torch": "2.14"}, "int8": "cpu target: 7-bit weights; calibrated on 64 seeded random inputs"}
+    md = markdown_report([row("torch", 10.0, 1.0), row("ort", 20.0, 2.0, best=2.0)], env, "m", "random")
+    header = next(line for line in md.splitlines() if line.startswith("| backend"))
+    assert "compile s" not in header and "vs best torch" not in header and "| gate |" in header
+    assert "Weights: random (top-1 agreement compares near-tie logits" in md
+    assert "INT8: cpu target: 7-bit weights; calibrated on 64 seeded random inputs" in md
+    md = markdown_report([row("torch", 10.0, 1.0), row("torch-compile", 40.0, 4.0, compile_s=9.5),
+                          row("ort", 20.0, 2.0, best=0.5)], env, "m", "trained")
+    header = next(line for line in md.splitlines() if line.startswith("| backend"))
+    assert "compile s" in header and "vs best torch" in header and "| 9.5 |" in md
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

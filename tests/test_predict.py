@@ -36,7 +36,7 @@ def test_predict_jsonl_matches_the_onnx_and_counts_unreadable_images(resnet18_on
     assert result.exit_code == 0, result.output
     assert "6 images ->" in result.stdout and "1 unreadable skipped" in result.stdout
     assert "top-1 accuracy" in result.stdout  # five class folders, a five-class model
-    assert "skipped 1 unreadable images of 7: broken.jpg" in result.stderr
+    assert "skipped 1 unreadable images of 7: cat/broken.jpg" in result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     expected, inputs = _direct_top1(resnet18_onnx.path, IMAGES)
     assert [r["topk"][0]["index"] for r in rows] == expected.tolist()
@@ -165,7 +165,7 @@ def test_ray_missing_is_a_one_line_error_naming_the_extra(resnet18_onnx, tmp_pat
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the extra: import ray fails
     result = run("predict", resnet18_onnx.path, IMAGES, "--ray", "-o", tmp_path / "p.jsonl")
-    assert_one_line_error(result, "pip install 'resnet-export[ray]'")
+    assert_one_line_error(result, "pip install 'ray[data]'")
     assert not (tmp_path / "p.jsonl").exists()
 
 
@@ -190,7 +190,8 @@ def test_a_partial_file_needs_resume_and_resume_gives_the_same_rows(resnet18_onn
 
 @pytest.mark.slow
 def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_onnx, tmp_path):
-    """SIGKILL a real `predict` process halfway through a folder: no OUT, and --resume completes it."""
+    """Ctrl-C a real `predict` process halfway through a folder: no OUT, and it says how to resume; SIGKILL the resumed
+    run halfway too: no OUT, and --resume completes it to the rows of an uninterrupted run."""
     import os
     import signal
     import subprocess
@@ -207,16 +208,25 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
     out, partial = tmp_path / "preds.csv", tmp_path / "preds.csv.partial"
     command = [sys.executable, "-m", "resnet_export", "predict", str(resnet18_onnx.path), str(folder), "--batch", "4",
                "-o", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while process.poll() is None and time.time() < deadline and (
-            not partial.exists() or partial.read_text().count("\n") < 150):
-        time.sleep(0.05)
-    assert process.poll() is None, f"predict ended (code {process.returncode}) before it could be killed halfway"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+
+    def interrupted(args, rows, sig):
+        """Run ``args``, send ``sig`` once the partial file holds ``rows`` lines; its exit code and stderr."""
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a job may ignore it
+        deadline = time.time() + 120
+        while process.poll() is None and time.time() < deadline and (
+                not partial.exists() or partial.read_text().count("\n") < rows):
+            time.sleep(0.05)
+        assert process.poll() is None, f"predict ended (code {process.returncode}) before it could be stopped halfway"
+        os.kill(process.pid, sig)
+        return process.wait(), process.stderr.read()
+
+    code, said = interrupted(command, 100, signal.SIGINT)
+    assert code == 130 and "run the same command with --resume to continue" in said, said
+    assert not out.exists() and "Traceback" not in said
+    code, _ = interrupted([*command, "--resume"], 200, signal.SIGKILL)
     written = partial.read_text().count("\n") - 1
-    assert 150 <= written < 600 and not out.exists()  # killed halfway: nothing that looks complete
+    assert code == -signal.SIGKILL and 200 <= written < 600 and not out.exists()  # nothing that looks complete
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({written} from the interrupted run)" in resumed.stdout

@@ -87,7 +87,7 @@ def test_fewer_images_than_calib_size_warns(resnet18_onnx, tmp_path):
     result = run("quantize", resnet18_onnx.path, "--int8", "--calib", IMAGES, "--target", "cpu", *LOOSE,
                  "-o", tmp_path / "q.onnx")
     assert result.exit_code == 0, result.output
-    assert "too few for --calib-size 512 and a held-out share: calibrating on 4, verifying on 2" in result.stderr
+    assert "fewer than --calib-size 512 and a held-out share: calibrating on 4, verifying on 2" in result.stderr
     manifest = json.loads((tmp_path / "q.onnx.json").read_text())
     assert manifest["conversion"]["calibration_samples"] == 4
     assert manifest["verification"]["inputs"].startswith("2 held-out images") and "only 2" in manifest["verification"]["inputs"]

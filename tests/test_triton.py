@@ -39,15 +39,16 @@ def test_fp32_onnx_entry(resnet18_onnx, tmp_path):
     assert result.exit_code == 0, result.output
     model_dir = repo / "resnet18"
     config = _config(model_dir)
-    assert config.name == "resnet18" and config.backend == "onnxruntime" and config.max_batch_size == 8
+    assert config.name == "resnet18" and config.backend == "onnxruntime" and config.max_batch_size == 32
     assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 64, 64])]  # no batch axis
     assert config.output[0].name == "logits" and list(config.output[0].dims) == [5]
     assert config.output[0].label_filename == "labels.txt"
     assert config.dynamic_batching.max_queue_delay_microseconds == 100
     assert not config.dynamic_batching.preferred_batch_size  # Triton's advice: leave it out
-    assert [w.batch_size for w in config.model_warmup] == [1, 8]
+    assert [w.batch_size for w in config.model_warmup] == [1, 32]
     assert config.instance_group[0].count == 2
     assert json.loads(config.parameters["preprocessing_mean"].string_value) == [0.485, 0.456, 0.406]
+    assert config.parameters["preprocessing_interpolation"].string_value == "bilinear"  # a string as it is
     assert (model_dir / "1" / "model.onnx").read_bytes() == resnet18_onnx.path.read_bytes()
     assert (model_dir / "labels.txt").read_text().split() == ["cat", "cup", "logo", "person", "rocket"]
     readme = (model_dir / "README.md").read_text()
@@ -76,18 +77,18 @@ def test_config_is_checked_against_the_artifact_and_each_check_can_fail(resnet18
     assert run("triton", artifact, "--repo", tmp_path / "repo", "--name", "r18", "--max-queue-delay-us", "250").exit_code == 0
     text = (tmp_path / "repo" / "r18" / "config.pbtxt").read_text()
     assert _config(tmp_path / "repo" / "r18").dynamic_batching.max_queue_delay_microseconds == 250
-    check_config(text, artifact, "r18", 8)  # what was written passes
+    check_config(text, artifact, "r18", 32)  # what was written passes
     doctored = {
         "name r18x != folder r18": text.replace('name: "r18"', 'name: "r18x"', 1),
-        "max_batch_size 4 != 8": text.replace("max_batch_size: 8", "max_batch_size: 4"),
+        "max_batch_size 4 != 32": text.replace("max_batch_size: 32", "max_batch_size: 4"),
         "names or types differ": text.replace("data_type: TYPE_FP32", "data_type: TYPE_FP16", 1),
         "dims of 'input' differ": text.replace("dims: 64", "dims: 32", 1),
     }
     for message, wrong in doctored.items():
         with pytest.raises(TritonError, match=re.escape(message)):
-            check_config(wrong, artifact, "r18", 8)
+            check_config(wrong, artifact, "r18", 32)
     with pytest.raises(TritonError, match="batching needs a dynamic dim 0"):  # a batching config on a fixed batch
-        check_config(text, resnet18_b4_onnx.path, "r18", 8)
+        check_config(text, resnet18_b4_onnx.path, "r18", 32)
 
 
 def test_openvino_backend_entry_is_checked_against_the_model_as_openvino_reads_it(resnet18_onnx, tmp_path):
@@ -102,11 +103,11 @@ def test_openvino_backend_entry_is_checked_against_the_model_as_openvino_reads_i
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU  # auto -> its only kind
     assert {k: config.parameters[k].string_value for k in ("PERFORMANCE_HINT", "NUM_STREAMS")} == \
         {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 64, 64])] and config.max_batch_size == 8
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 64, 64])] and config.max_batch_size == 32
     assert (model_dir / "1" / "model.onnx").read_bytes() == artifact.read_bytes()
     assert "Triton's openvino backend" in (model_dir / "README.md").read_text()
     text = (model_dir / "config.pbtxt").read_text()
-    check_config(text, artifact, "r18", 8)
+    check_config(text, artifact, "r18", 32)
     doctored = {
         "reads an ONNX only as default_model_filename model.onnx": text.replace('"model.onnx"', '"model.xml"'),
         "runs on CPU instances only": text.replace("KIND_CPU", "KIND_GPU"),
@@ -115,7 +116,7 @@ def test_openvino_backend_entry_is_checked_against_the_model_as_openvino_reads_i
     }
     for message, wrong in doctored.items():
         with pytest.raises(TritonError, match=re.escape(message)):
-            check_config(wrong, artifact, "r18", 8)
+            check_config(wrong, artifact, "r18", 32)
 
 
 @pytest.mark.parametrize("args, message", [
