@@ -5,6 +5,7 @@ README's default path run exactly as written."""
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from .test_cli import assert_one_line_error, run
 TINY = ["--model", f"{USER_MODELS}:cifar_resnet", "--input-size", "32", "--resize", "32"]
 
 
+@pytest.mark.slow  # 5 s; the quick loop has trt's default names (below) and default_output's own test
 def test_outputs_default_to_the_current_directory_named_from_model_precision_and_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     made = run("onnx", *TINY)
@@ -42,6 +44,18 @@ def test_trt_without_tensorrt_says_what_is_missing_what_passed_and_how_to_finish
     assert "cifar_resnet.fp16.onnx is kept and passed its FP16 gate here (top-1 agreement " in line
     assert line.endswith("resnet-export trt --onnx cifar_resnet.fp16.onnx -o cifar_resnet.fp16.plan")
     assert (tmp_path / "cifar_resnet.fp16.onnx").is_file() and not (tmp_path / "cifar_resnet.fp16.plan").exists()
+
+
+def test_default_output_names():
+    from resnet_export.pipeline import default_output, side_onnx_path
+
+    assert [default_output("resnet50"), default_output("resnet50", "fp16"), default_output("resnet50", "int8"),
+            default_output("resnet50", "int8", "cpu"), default_output("r50.fp16", "int8", "cpu"),
+            default_output("resnet50", "int8", suffix=".plan")] == [
+        Path("resnet50.onnx"), Path("resnet50.fp16.onnx"), Path("resnet50.int8.onnx"), Path("resnet50.cpu-int8.onnx"),
+        Path("r50.cpu-int8.onnx"), Path("resnet50.int8.plan")]
+    assert side_onnx_path(Path("resnet50.int8.plan"), "int8") == Path("resnet50.int8.onnx")
+    assert side_onnx_path(Path("r50.plan"), "int8") == Path("r50.int8.onnx")
 
 
 @pytest.mark.parametrize("given, said", [("empty", "the folder is empty"),
