@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
 
-.PHONY: install demo test quick api-check bench-ci bench-baseline bench-spread bench gpu-check wheelhouse clean
+.PHONY: install demo test quick mutate api-check bench-ci bench-baseline bench-spread bench gpu-check wheelhouse clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ quick: $(STAMP)
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# Named one-line breaks of the product's rules (tools/mutations.py) against the tests that guard them, in a copy of the
+# package; exits 1 on a break the tests pass. Not part of `make test`: run it before resolving an issue that adds a rule.
+ONLY ?=
+mutate: $(STAMP)
+	$(BIN)/python tools/mutate.py --only "$(ONLY)"
 
 # The GPU modules type-checked against the real TensorRT Python bindings (imported over a NULL shim: API only,
 # nothing builds or runs) of the oldest supported 10.x, the newest 10.x and the newest 11.x (tools/trt_api_versions).

@@ -40,7 +40,7 @@ from .onnx_graph import (
 from .preprocessing import Preprocessing, stated
 from .precision import MIN_OPSET, RESTS, Conversion, PrecisionError, check_method, quantize_int8, to_fp16
 from .runners import OrtRunner, Runner, TorchRunner
-from .reference_record import attach, make_record, read_record
+from .reference_record import PYTORCH, attach, make_record, read_record
 from .sensitivity import rank_quantized_convs
 from .trt import (
     BatchProfile,
@@ -56,9 +56,6 @@ from .trt import (
 from .verify import GATES, Gate, Verification, plan_gate, verify
 
 log = logging.getLogger(__name__)
-
-#: What the toolkit's reference is, in words.
-PYTORCH = "PyTorch FP32"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Inputs
+from .errors import ResnetExportError
 from .preprocessing import Preprocessing
 from .verify import batch_plan, run_batches
 
@@ -29,6 +30,11 @@ KEY = "reference"  # the metadata key (under the toolkit's prefix)
 BUDGET = 512 * 1024  # bytes of the compressed record, at most
 MAX_SAMPLES = 64
 MIN_SAMPLES = 2  # whatever the budget: one input repeated cannot show a plan answering rows with other rows
+PYTORCH = "PyTorch FP32"
+
+
+class RecordError(ResnetExportError):
+    """A record whose origin would make it prove nothing: not what it says it is, or the artifact's own outputs."""
 
 
 @dataclass
@@ -81,9 +87,15 @@ def _packed(arrays: dict[str, np.ndarray]) -> bytes:
 def make_record(inputs: Inputs, reference, spec: Preprocessing, source: str, stage: str) -> dict:
     """The metadata value recording ``reference``'s logits on the first inputs that fit ``BUDGET``.
 
-    ``reference`` is a Runner (it computes the logits on exactly the stored inputs). Returns a JSON-able dict:
-    the compressed arrays in base64 and what they are.
+    ``reference`` is a Runner (it computes the logits on exactly the stored inputs); its name is kept as
+    ``made_by``, and a record that says it is PyTorch's must have been computed by PyTorch (a replay of the ONNX on
+    ONNX Runtime would hold a plan to the ONNX, not to what the ONNX stands for). Returns a JSON-able dict: the
+    compressed arrays in base64 and what they are.
     """
+    made_by = getattr(reference, "name", type(reference).__name__)
+    if source == PYTORCH and not made_by.startswith("torch"):
+        raise RecordError(f"a reference recorded as {PYTORCH}'s was computed by {made_by}: it would hold later "
+                          "artifacts to that, not to PyTorch")
     count = min(MAX_SAMPLES, len(inputs.array))
     least = min(MIN_SAMPLES, count)
     while True:
@@ -104,7 +116,7 @@ def make_record(inputs: Inputs, reference, spec: Preprocessing, source: str, sta
              f"), {len(blob) / 1024:.0f} kB")
     described = inputs.description if count == len(inputs.array) else f"the first {count} of {inputs.description}"
     return {"data": base64.b64encode(blob).decode("ascii"), "form": "codes" if codes is not None else "float16",
-            "samples": count, "source": source, "stage": stage, "inputs": described,
+            "samples": count, "source": source, "stage": stage, "inputs": described, "made_by": made_by,
             "mean": list(spec.mean), "std": list(spec.std)}
 
 
@@ -127,8 +139,12 @@ def read_record(path_or_model) -> Record | None:
 
 def attach(path: str | Path, record: dict) -> None:
     """Store ``record`` (``make_record``) in the ONNX at ``path``, rewriting it atomically (an artifact the caller
-    is making, never an input)."""
+    is making, never an input). A record computed from that same file is refused: an artifact judged against its
+    own outputs passes whatever it computes."""
     import onnx
+
+    if record.get("made_by") == f"ort:{Path(path).name}":
+        raise RecordError(f"the reference to record in {path} was computed by {path} itself: it would prove nothing")
 
     from .manifest import atomic_output
     from .onnx_graph import load_onnx, set_metadata

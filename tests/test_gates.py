@@ -107,3 +107,19 @@ def test_a_random_weight_plan_answering_other_inputs_fails_though_its_logits_loo
     assert one_input["min_centered_cosine"] is None
     assert "rows not told apart" in Verification(one_input, RANDOM_WEIGHT_PLAN_GATES["fp16"]).summary()
     assert "checked for collapse only" in Verification(one_input, RANDOM_WEIGHT_PLAN_GATES["int8"]).summary()
+
+
+def test_the_one_flip_allowance_is_a_share_of_the_distinct_inputs():
+    """8 recorded inputs, each repeated 4 times to fill an engine's batches: one input flipping its top-1 (4 rows) is
+    within a trained plan's one-flip allowance; two inputs flipping are not, though 8 rows are still fewer than the
+    rows compared. An allowance of one row, or of one whole flip at any count, would tell neither apart."""
+    reference = np.repeat(_logits(), 4, axis=0)[:32]
+    flipped = reference.copy()
+    for row in range(8):  # rows 0-3: input 0, rows 4-7: input 1
+        top = flipped[row].argmax()
+        flipped[row, top] = flipped[row].min() - 1
+    one, two = compare(reference, np.concatenate([flipped[:4], reference[4:]])), compare(reference, flipped)
+    gate = replace(GATES["fp16"], min_cosine=None)  # top-1 alone (a flipped row also moves the cosine)
+    assert gate_failures(one, gate, slack=1, distinct=8) == []
+    assert any("top-1 agreement" in f for f in gate_failures(two, gate, slack=1, distinct=8))
+    assert any("top-1 agreement" in f for f in gate_failures(one, gate))  # no slack: one flip fails the gate

@@ -1,6 +1,7 @@
 """`predict`: an artifact on an image folder, rows as JSONL or CSV, checked against running the ONNX directly."""
 
 import csv
+import re
 import json
 import shutil
 
@@ -100,8 +101,9 @@ def test_predict_on_a_local_ray_cluster_gives_the_same_rows(resnet18_onnx, tmp_p
     assert on_ray.exit_code == 0, on_ray.output
     assert local.exit_code == 0, local.output
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
-    # counted from the rows (each actor tags its own with its process id), not echoed from the option
-    assert "1 unreadable skipped" in on_ray.stdout and "on Ray, 2 of 2 workers ran batches" in on_ray.stdout
+    # counted from the rows (each actor tags its own with its process id), not echoed from the option: which actors
+    # got batches is Ray's scheduling (under load one may take them all), so 1 or 2 of the 2
+    assert "1 unreadable skipped" in on_ray.stdout and re.search(r"on Ray, [12] of 2 workers ran batches", on_ray.stdout)
 
 
 @pytest.mark.slow
@@ -235,17 +237,17 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
     assert out.read_text() == whole.read_text()  # each image once, the same rows
 
 
-@pytest.mark.slow
 def this_kernel_class() -> str:
-    """This CPU's kernel class, observed apart from the toolkit: /proc/cpuinfo's flags and a fresh probe run."""
+    """This CPU's kernel class, observed apart from the toolkit: /proc/cpuinfo's flags (the best INT8 instruction set
+    first, by this test's own order) and a fresh probe run."""
     import platform
 
-    from resnet_export.baseline import INT8_ISA_ORDER
     from resnet_export.kernel_probe import differs, saturation_case
 
     from .test_cpu_int8 import proc_cpuinfo_flags
 
-    isa = next((f for f in INT8_ISA_ORDER if f in (proc_cpuinfo_flags() or [])), "no-avx2")
+    best_first = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+    isa = next((f for f in best_first if f in (proc_cpuinfo_flags() or [])), "no-avx2")
     return f"{platform.machine()}-{isa}-u8s8 {'saturating' if differs(*saturation_case()) else 'exact'}"
 
 
@@ -335,9 +337,10 @@ def test_an_artifact_openvino_failed_on_when_made_is_served_by_onnx_runtime(resn
         "int8", IMAGES, "cpu", calib_size=4, min_agreement=0.0, max_accuracy_drop=100)).path  # ONNX Runtime passed
     recorded = json.loads(path.with_name("bad.onnx.json").read_text())["backends"]["openvino"]
     assert not recorded["passed"] and any("min cosine" in f for f in recorded["failures"])
-    result = run("predict", path, IMAGES, "-o", tmp_path / "p.jsonl")
-    assert result.exit_code == 0 and "(ort)" in result.stdout, result.output
-    assert "OpenVINO's run missed its gate on this CPU class" in result.stderr
+    for asked in ([], ["--backend", "openvino"]):  # by default, and when OpenVINO is asked for by name
+        result = run("predict", path, IMAGES, *asked, "-o", tmp_path / "p.jsonl")
+        assert result.exit_code == 0 and "(ort)" in result.stdout, result.output
+        assert "OpenVINO's run missed its gate on this CPU class" in result.stderr
 
 
 def test_resumed_rows_are_scored_once_the_class_count_is_known_and_kept_as_counts(tmp_path):

@@ -137,6 +137,19 @@ def test_precision_option_errors(resnet18_onnx, tmp_path, args, message, code):
     assert_one_line_error(run("quantize", resnet18_onnx.path, *args, "-o", tmp_path / "q.onnx"), message, code)
 
 
+@pytest.mark.parametrize("command", [["quantize"], ["trt", "--onnx"]])
+def test_every_command_that_takes_a_precision_refuses_bad_input_the_same_way(resnet18_onnx, tmp_path, command):
+    """--fp16 with --int8, and a foreign ONNX below opset 19 (ModelOpt's quantizer and AutoCast need it), are refused
+    by each command that makes a precision ONNX, before any work."""
+    from .test_trt_rules import tiny_onnx
+
+    assert_one_line_error(run(*command, resnet18_onnx.path, "--fp16", "--int8", "--calib", IMAGES,
+                              "-o", tmp_path / "q.onnx"), "--fp16 and --int8 exclude each other", 2)
+    old = tiny_onnx(tmp_path / "opset18.onnx", opset=18)
+    assert_one_line_error(run(*command, old, "--fp16", "-o", tmp_path / "q.onnx"), "opset18.onnx has opset 18")
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.fp16.onnx").exists()
+
+
 def test_quantize_input_missing_or_not_onnx(tmp_path):
     assert_one_line_error(run("quantize", tmp_path / "missing.onnx", "--fp16", "-o", tmp_path / "q.onnx"), "not found")
     bad = tmp_path / "bad.onnx"

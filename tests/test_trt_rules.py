@@ -24,7 +24,7 @@ from .trt_double import tensorrt as double
 CHW = (3, 8, 8)
 
 
-def tiny_onnx(path, fp16: bool = False, seed: int = 0):
+def tiny_onnx(path, fp16: bool = False, seed: int = 0, opset: int = 20):
     """input (N, 3, 8, 8) -> Conv 3x3 (4 channels) -> GlobalAveragePool -> Flatten -> logits (N, 4); ``fp16``: the
     conv computes in float16 between two Casts (typed as AutoCast's graphs are)."""
     rng = np.random.default_rng(seed)
@@ -41,7 +41,7 @@ def tiny_onnx(path, fp16: bool = False, seed: int = 0):
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *CHW])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
                               [numpy_helper.from_array(weight, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -234,9 +234,64 @@ def test_a_random_weight_plan_with_rounding_noise_passes_and_a_wrong_binding_or_
     run = double.ICudaEngine._run
     for broken in (lambda batch: np.roll(batch, 1, axis=0), lambda batch: np.repeat(batch[:1], len(batch), axis=0)):
         monkeypatch.setattr(double.ICudaEngine, "_run", lambda self, batch, broken=broken: run(self, broken(batch)))
-        with pytest.raises(GateFailed, match="min cosine"):
+        # the input-dependent part tells it (the plain cosine's failure prints "min cosine" too, and may not fail)
+        with pytest.raises(GateFailed, match="min cosine of the input-dependent part"):
             engine_from_onnx(random_onnx, tmp_path / "broken.plan", profile=BatchProfile(1, 4, 8))
         monkeypatch.setattr(double.ICudaEngine, "_run", run)
+
+
+class TorchStandIn:
+    """What PyTorch computes for the hand-made tiny ONNX (it has no torch module): its logits, less ``shift`` on the
+    first class, named as the toolkit's PyTorch runner is, so a record can differ from the ONNX it is stored in."""
+
+    name = "torch"
+
+    def __init__(self, path, shift: float = 0.0):
+        from resnet_export.runners import OrtRunner
+
+        self.onnx, self.shift = OrtRunner(path), shift
+
+    def infer(self, batch):
+        logits = self.onnx.infer(batch)
+        logits[:, 0] -= self.shift
+        return logits
+
+
+def test_a_record_is_refused_unless_it_comes_from_what_it_says_and_never_from_the_artifact_itself(tmp_path):
+    """A record said to be PyTorch's made by ONNX Runtime, or an artifact's record made from its own outputs, would
+    let a plan (or the artifact) pass against itself."""
+    from resnet_export.data import Inputs
+    from resnet_export.preprocessing import Preprocessing
+    from resnet_export.reference_record import RecordError, attach, make_record
+    from resnet_export.runners import OrtRunner
+
+    path = tiny_onnx(tmp_path / "m.onnx")
+    spec = Preprocessing(input_size=CHW[1:], resize=8, mean=(0.0,) * 3, std=(1.0,) * 3, channels=3)
+    inputs = Inputs(_inputs(3), None, "3 test inputs")
+    with pytest.raises(RecordError, match="recorded as PyTorch FP32's was computed by ort:m.onnx"):
+        make_record(inputs, OrtRunner(path), spec, "PyTorch FP32", "export")
+    own = make_record(inputs, OrtRunner(path), spec, "FP32 ONNX m.onnx", "quantize")
+    with pytest.raises(RecordError, match="computed by .*m.onnx itself"):
+        attach(path, own)
+    other = tmp_path / "other.onnx"
+    other.write_bytes(path.read_bytes())
+    attach(other, own)  # the same logits recorded in another file: a reference for that one
+
+
+def test_a_plan_is_gated_against_its_record_and_never_a_replay_of_its_onnx(trt_double, tmp_path):
+    """A record that differs from what the ONNX computes (PyTorch disagreeing with its export) fails the plan, though
+    the plan matches the ONNX exactly: the gate reads the record."""
+    from resnet_export.data import Inputs
+    from resnet_export.pipeline import engine_from_onnx
+    from resnet_export.preprocessing import Preprocessing
+    from resnet_export.reference_record import attach, make_record
+
+    path = tiny_onnx(tmp_path / "m.onnx")
+    spec = Preprocessing(input_size=CHW[1:], resize=8, mean=(0.0,) * 3, std=(1.0,) * 3, channels=3)
+    attach(path, make_record(Inputs(_inputs(3), None, "3 test inputs"), TorchStandIn(path, shift=50.0), spec,
+                             "PyTorch FP32", "export"))
+    with pytest.raises(GateFailed, match="recorded at export time"):
+        engine_from_onnx(path, tmp_path / "m.plan", profile=BatchProfile(1, 2, 3))
 
 
 def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profile_batch(trt_double, tmp_path,
@@ -252,7 +307,7 @@ def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profil
 
     path = tiny_onnx(tmp_path / "m.onnx")
     spec = Preprocessing(input_size=CHW[1:], resize=8, mean=(0.0,) * 3, std=(1.0,) * 3, channels=3)
-    attach(path, make_record(Inputs(_inputs(3), None, "3 test inputs"), OrtRunner(path), spec, "PyTorch FP32",
+    attach(path, make_record(Inputs(_inputs(3), None, "3 test inputs"), TorchStandIn(path), spec, "PyTorch FP32",
                              "export"))
     recorded = read_record(path)
     assert recorded.inputs.shape == (3, *CHW) and recorded.logits.shape == (3, 4)
@@ -263,5 +318,5 @@ def test_a_plan_is_gated_against_the_reference_its_onnx_recorded_at_every_profil
     assert v.metrics["min_centered_cosine"] > 0.99  # the rows told apart
 
     monkeypatch.setattr(reference_record, "BUDGET", 1)  # an input too large for the budget (224x224 FP16: 294 kB)
-    kept = make_record(Inputs(_inputs(3), None, "3 test inputs"), OrtRunner(path), spec, "PyTorch FP32", "export")
+    kept = make_record(Inputs(_inputs(3), None, "3 test inputs"), TorchStandIn(path), spec, "PyTorch FP32", "export")
     assert kept["samples"] == 2  # two at least, else a plan answering rows with other rows would pass
