@@ -249,15 +249,15 @@ def test_gpu_check_judges_the_tensorrt_rows_on_the_double(trt_double, tmp_path, 
     from .test_gpu_check import _gpu_check
 
     code = _gpu_check().main(["--out", str(tmp_path), "--arch", "resnet18", "--input-size", "32", "--batch-sizes",
-                              "1,2", "--min-time", "0.05", "--rounds", "1", "--warmup", "0", "--no-tests",
-                              "--backends", "torch,ort-cuda,trt", "--precisions", "fp32,fp16"])
+                              "2", "--min-time", "0.05", "--rounds", "1", "--warmup", "0", "--no-tests",
+                              "--backends", "torch,ort-cuda,trt", "--precisions", "fp16"])
     out = capsys.readouterr().out
     assert code == 0, out
     folder = next(tmp_path.glob("gpu-tensorrt-double*"))
     report = json.loads((folder / "report.json").read_text())
     claims = {c["claim"]: c for c in report["gpu_check"]["claims"]}
     trt = [c for name, c in claims.items() if name.startswith("trt ") and "meets its" in name]
-    assert len(trt) == 2 * 2 * 3 and {c["status"] for c in trt} == {"held"}  # 2 precisions, 2 batches, 3 rows each
+    assert len(trt) == 3 and {c["status"] for c in trt} == {"held"}  # on the device, a CUDA graph, with copies
     assert claims["ort-cuda fp16 rows"]["status"] == "not checked"
     assert "no CUDA GPU" in claims["ort-cuda fp16 rows"]["detail"]
     assert "torch fp16 b1 (FP16 channels_last, CUDA graph): 1044 img/s on NVIDIA H200;" in out

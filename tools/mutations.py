@@ -71,7 +71,7 @@ MUTATIONS = [
     dict(name="random weights held to top-1", rule="random weights are gated on fidelity on every path",
          file="resnet_export/pipeline.py", old="gate = plan_gate(self.precision, random_weights)",
          new="gate = GATES[self.precision]",
-         tests=["tests/test_first_contact.py::test_outputs_default_to_the_current_directory_named_from_model_precision_and_target"]),
+         tests=["tests/test_first_contact.py::test_a_request_gates_random_weights_on_fidelity_and_keeps_the_thresholds_asked_for"]),
     dict(name="fused-vs-exact judged by top-1", rule="two runs of one graph are judged by their closeness",
          file="resnet_export/verify.py", old="KERNEL_GATE = Gate(min_top1_agreement=0.0, min_cosine=0.99)",
          new="KERNEL_GATE = Gate(min_top1_agreement=0.99, min_cosine=0.99)",
