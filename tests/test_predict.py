@@ -205,7 +205,7 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
     folder = tmp_path / "many"
     folder.mkdir()
     sources = sorted(p for p in IMAGES.rglob("*") if p.is_file())
-    for i in range(600):
+    for i in range(300):
         Image.open(sources[i % len(sources)]).convert("RGB").resize((40 + i % 30, 48)).save(folder / f"{i:04d}.png")
     out, partial = tmp_path / "preds.csv", tmp_path / "preds.csv.partial"
     command = [sys.executable, "-m", "resnet_export", "predict", str(resnet18_onnx.path), str(folder), "--batch", "4",
@@ -223,12 +223,12 @@ def test_a_killed_predict_resumes_to_the_rows_of_an_uninterrupted_run(resnet18_o
         os.kill(process.pid, sig)
         return process.wait(), process.stderr.read()
 
-    code, said = interrupted(command, 100, signal.SIGINT)
+    code, said = interrupted(command, 60, signal.SIGINT)
     assert code == 130 and "run the same command with --resume to continue" in said, said
     assert not out.exists() and "Traceback" not in said
-    code, _ = interrupted([*command, "--resume"], 200, signal.SIGKILL)
+    code, _ = interrupted([*command, "--resume"], 120, signal.SIGKILL)
     written = partial.read_text().count("\n") - 1
-    assert code == -signal.SIGKILL and 200 <= written < 600 and not out.exists()  # nothing that looks complete
+    assert code == -signal.SIGKILL and 120 <= written < 300 and not out.exists()  # nothing that looks complete
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({written} from the interrupted run)" in resumed.stdout

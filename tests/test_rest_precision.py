@@ -48,7 +48,7 @@ def test_cpu_runner_rounds_fp16_quantize_half_to_even():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["entropy", "max", "percentile"])
+@pytest.mark.parametrize("method", ["entropy", "percentile"])  # max: ModelOpt's other own calibrator, as entropy
 def test_every_trt_method_meets_the_gate_by_default(digits_r18, tmp_path, method):
     out = tmp_path / f"r18-{method}.onnx"
     result = run("quantize", digits_r18.fp32, "--int8", "--calib", digits_r18.train, "--calib-size", CALIB,
