@@ -168,7 +168,7 @@ def predict_folder(artifact: str | Path, images: str | Path | list, output: str 
     os.replace(partial, output)
     predicted_now = tally.rows - len(done)
     rate = predicted_now / elapsed if predicted_now and elapsed > 0 else None
-    verified = "; ".join(filter(None, [served if served != "verified" else "", choice.verified]))
+    verified = "; ".join(filter(None, [served, choice.verified]))
     return PredictResult(output, tally.rows, skipped, tally.accuracy, backend, len(done), rate,
                          len(ran_on) if ray_address else None, verified)
 

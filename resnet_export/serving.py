@@ -57,7 +57,8 @@ def openvino_result(verification: Verification) -> dict:
 
 
 def check_served(artifact: Path, allow_failed: bool = False) -> str:
-    """Served = verified: how ``artifact``'s manifest says it was verified, in words, before any command serves it.
+    """Served = verified: what a summary line must say of ``artifact`` before any command serves it ("" when its
+    manifest says it passed its gate).
 
     An artifact whose manifest records a failed gate is refused (UnverifiedArtifact, exit 2, naming the gate that
     failed) unless ``allow_failed``, and then served with a warning on every run; one without a manifest, or made
@@ -73,7 +74,7 @@ def check_served(artifact: Path, allow_failed: bool = False) -> str:
         log.warning(f"{artifact.name} {why}: served unverified (nothing says it matches its model)")
         return "unverified"
     if verification.get("passed"):
-        return "verified"
+        return ""
     failed = "; ".join(verification.get("failures") or ["its gate"])
     if not allow_failed:
         raise UnverifiedArtifact(f"{artifact} failed its gate when it was made ({failed}): not served; pass "

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ResnetExportError
+from .trt import BatchProfile
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ OPENVINO_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 OPENVINO_TYPES = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i8": "TYPE_INT8", "u8": "TYPE_UINT8",
                   "i32": "TYPE_INT32", "i64": "TYPE_INT64", "boolean": "TYPE_BOOL"}
 #: A dynamic ONNX's max_batch_size unless given: the largest batch of `trt`'s default profile, one default for both.
-DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_BATCH = BatchProfile().max
 #: The server option without which Triton's TensorRT backend refuses a version-compatible plan (tensorrt_backend README).
 VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
 
