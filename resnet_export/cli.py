@@ -244,7 +244,7 @@ def onnx(load, seed, opset, batch, images, no_verify, output) -> None:
     line = f"{loaded.name} -> {output}: {result.fold.summary()}, {left} BatchNormalization left"
     if result.verification:
         v = result.verification
-        line += f"; vs PyTorch on {v.inputs} (batches {','.join(map(str, v.batch_sizes))}): {v.summary()}: PASS"
+        line += f"; vs PyTorch on {v.inputs} (batches {v.batches}): {v.summary()}: PASS"
     click.echo(f"{line}; preprocessing: {loaded.preprocessing.describe()}")
 
 
@@ -411,38 +411,62 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
     record, v = result.engine.record, result.engine.verification
     click.echo(f"{output}: {record.precision['dtype'].upper()} engine (TF32 {'on' if tf32 else 'off'}), TensorRT "
                f"{record.runtime.tensorrt} on {record.runtime.gpu} (built in {record.build_seconds} s); "
-               f"vs {v.reference} (batches {','.join(map(str, v.batch_sizes))}): {v.summary()}: PASS")
+               f"vs {v.reference} (batches {v.batches}): {v.summary()}: PASS")
 
 
 @main.command("verify")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @model_options
-@click.option("--images", type=click.Path(path_type=Path), help="Verify on these images (ImageFolder layout gives labels).")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Verify on this folder's images, streamed (ImageFolder layout gives labels).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Gate to apply (default: the precision the artifact records).")
 @click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="What runs an ONNX: ONNX Runtime (and its exact run for INT8), or OpenVINO compiled for this CPU.")
-def verify_command(artifact, load, seed, images, precision, backend):
+@click.option("--results", type=click.Path(path_type=Path), metavar="OUT.jsonl",
+              help="With --images: write each image's results to OUT.jsonl as they come, and the summary to OUT.json.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --results run from OUT.jsonl.partial.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="With --images: score the batches on Ray Data (--ray: a local cluster; --ray auto; ray://HOST:10001).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --ray: actors, each holding the reference and the artifact.")
+def verify_command(artifact, load, seed, images, precision, backend, results, resume, ray_address, workers):
     """Compare an ONNX file or a TensorRT plan with PyTorch, using the gate of its precision and weights.
 
     With the model options (--arch or --model, --weights, ...), against that PyTorch model; without them, against
-    the PyTorch logits the artifact (a plan: its ONNX) recorded when it was made.
+    the PyTorch logits the artifact (a plan: its ONNX) recorded when it was made. --images streams a folder of any
+    size (memory does not grow with it); with labels the line gives both accuracies with 95% intervals, the paired
+    drop, the answers changed each way and McNemar's p-value.
     """
     from .cpu import cpu_info, describe_cpu
     from .pipeline import recorded_verification, verify_artifact
 
+    if (results or resume or ray_address) and not images:
+        raise click.UsageError("--results, --resume and --ray go with --images")
+    if results and results.suffix != ".jsonl":
+        raise click.UsageError(f"--results {results} must end in .jsonl")
+    if resume and not results:
+        raise click.UsageError("--resume continues the --results OUT.jsonl it names")
     loaded = load() if load.given or images else None
     precision, origin, v = verify_artifact(artifact, loaded, images=images, seed=seed, precision=precision,
-                                           backend=backend)
+                                           backend=backend, results=results, resume=resume, ray_address=ray_address,
+                                           workers=workers)
     on = " on OpenVINO" if backend == "openvino" else ""
     line = (f"{artifact}: {precision.upper()} (from {origin}){on} vs {v.reference} (batches "
-            f"{','.join(map(str, v.batch_sizes))}), {describe_cpu(cpu_info())}: {v.summary()}")
+            f"{v.batches}), {describe_cpu(cpu_info())}: {v.summary()}")
     recorded = recorded_verification(artifact)
     if recorded and recorded.get("metrics"):
         m = recorded["metrics"]
         line += (f"; when made ({describe_cpu(recorded.get('cpu') or {})}): top-1 agreement "
                  f"{m['top1_agreement']:.1%}, min cosine {m['min_cosine']:.7f}")
     click.echo(line + ": PASS")
+    fallen = (v.metrics.get("statistics") or {}).get("classes_fallen_most")
+    if fallen:
+        click.echo("classes that fell most: " + ", ".join(
+            f"{c['name'] or c['class']} {c['accuracy_reference']:.0%}->{c['accuracy_candidate']:.0%} "
+            f"({c['images']} images)" for c in fallen))
+    if results:
+        click.echo(f"per-image results: {results}; summary: {results.with_suffix('.json')}")
 
 
 #: The command line's backend names (as predict, verify and bench spell them) -> Triton's.

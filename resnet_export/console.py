@@ -59,21 +59,23 @@ class RichLogHandler(logging.Handler):
             console.print(text, soft_wrap=True, markup=False)
 
 
-def print_description(info: dict) -> None:
-    """``inspect``'s report for a person: I/O, precision, preprocessing, verification, machines, op mix."""
+def table(title: str, *columns: str):
+    """A rich table titled ``title`` with these columns."""
     from rich.table import Table
 
+    grid = Table(title=title, title_justify="left", title_style="bold")
+    for column in columns:
+        grid.add_column(column)
+    return grid
+
+
+def print_description(info: dict) -> None:
+    """``inspect``'s report for a person: I/O, precision, preprocessing, verification, machines, op mix."""
     from .cpu import describe_cpu
     from .preprocessing import Preprocessing
 
     out = Console(highlight=False)  # stdout: the report is the command's result
     manifest = info.get("manifest") or {}
-
-    def table(title: str, *columns: str) -> Table:
-        grid = Table(title=title, title_justify="left", title_style="bold")
-        for column in columns:
-            grid.add_column(column)
-        return grid
 
     kind = "TensorRT plan" if "engine" in info else f"ONNX (opset {info.get('opset')})"
     made = f"made by `{manifest['stage']}`" if manifest.get("stage") else "no manifest"
@@ -106,6 +108,8 @@ def print_description(info: dict) -> None:
                   "accuracy_drop_points": ("<=", gate.get("max_accuracy_drop")),
                   "max_rel_err": ("<=", gate.get("max_rel_err"))}
         for key, value in verification["metrics"].items():
+            if key == "statistics":
+                continue
             sign, limit = limits.get(key, ("", None))
             metrics.add_row(key.replace("_", " "), f"{value:.6g}" if isinstance(value, float) else str(value),
                             "" if limit is None else f"{sign} {limit}")
@@ -116,6 +120,7 @@ def print_description(info: dict) -> None:
         for failure in verification.get("failures", []):
             metrics.add_row("failed", escape(failure), "")
         out.print(metrics)
+        print_statistics(out, verification["metrics"])
     serving = info.get("serving")
     if serving:
         recorded = serving["openvino"]
@@ -139,17 +144,35 @@ def print_description(info: dict) -> None:
         print_layers(out, engine["layers"], engine.get("convolutions"))
 
 
+def print_statistics(out, metrics: dict) -> None:
+    """The reviewer's statistics of a verification (``statistics``) and the classes whose accuracy fell most."""
+    from .statistics import describe_statistics
+
+    said = describe_statistics(metrics)
+    if not said:
+        return
+    out.print(f"[bold]Statistics[/bold]: {escape(said)}")
+    s = metrics["statistics"]
+    if "accuracy_reference_ci95" in s:
+        (rl, rh), (cl, ch) = s["accuracy_reference_ci95"], s["accuracy_candidate_ci95"]
+        out.print(f"[bold]Accuracy, 95% CI[/bold]: reference {metrics['accuracy_reference']:.2%} ({rl:.2%} to {rh:.2%}), "
+                  f"candidate {metrics['accuracy_candidate']:.2%} ({cl:.2%} to {ch:.2%})")
+    fallen = s.get("classes_fallen_most")
+    if fallen:
+        grid = table("Classes whose accuracy fell most", "class", "images", "reference", "candidate", "drop (points)")
+        for c in fallen:
+            grid.add_row(escape(str(c["name"] or c["class"])), str(c["images"]), f"{c['accuracy_reference']:.1%}",
+                         f"{c['accuracy_candidate']:.1%}", f"{c['drop_points']:.1f}")
+        out.print(grid)
+
+
 def print_layers(out, layers: list[dict] | None, convolutions: dict | None) -> None:
     """A plan's layers with the precisions they run in (``trt.engine_layers``), and its convolutions by precision."""
-    from rich.table import Table
-
     if layers is None:
         out.print("[bold]Layers[/bold]: names only (the plan was built without detailed profiling verbosity); "
                   "rebuild it with `resnet-export trt` to see each layer's precision")
         return
-    grid = Table(title=f"Layers ({len(layers)})", title_justify="left", title_style="bold")
-    for column in ("layer", "type", "inputs", "outputs", "tactic"):
-        grid.add_column(column)
+    grid = table(f"Layers ({len(layers)})", "layer", "type", "inputs", "outputs", "tactic")
     for layer in layers:
         grid.add_row(escape(layer["name"]), escape(layer["type"]), ", ".join(layer["inputs"]),
                      ", ".join(layer["outputs"]), escape(str(layer["tactic"])))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 class DataError(ResnetExportError):
@@ -32,8 +31,29 @@ class DataError(ResnetExportError):
 
 
 @dataclass
+class Batch:
+    """One block of verification inputs (``image_stream.plan``): the rows' positions in their source, the array, and
+    their labels."""
+
+    start: int
+    sizes: tuple[int, ...]  # the planned batches: a batch with fewer rows is padded when it runs
+    positions: list[int]
+    array: np.ndarray | None
+    labels: np.ndarray | None
+    failures: list[tuple[int, str]] = field(default_factory=list)  # unreadable files: (position, what)
+
+
+def usable_labels(labels: np.ndarray | None, by_order: bool, num_classes: int) -> np.ndarray | None:
+    """``labels``, or None where they cannot be the classes of a ``num_classes`` model (sorted-order labels of
+    another number of folders, or an index past the model's outputs)."""
+    if labels is None or not len(labels) or (by_order and labels.max() + 1 != num_classes):
+        return None
+    return labels if labels.max() < num_classes else None
+
+
+@dataclass
 class Inputs:
-    """Preprocessed inputs ``(N, C, H, W)`` float32, labels when known, and where they came from.
+    """Preprocessed inputs ``(N, C, H, W)`` float32 held in memory, labels when known, and where they came from.
 
     ``labels_by_order`` marks labels taken from the sorted folder order (the ImageFolder convention),
     which only mean something for a model with exactly that many classes.
@@ -44,11 +64,83 @@ class Inputs:
     description: str
     labels_by_order: bool = False
 
+    def __len__(self) -> int:
+        return len(self.array)
+
     def labels_for(self, num_classes: int) -> np.ndarray | None:
         """The labels, or None where they cannot be the classes of a ``num_classes`` model."""
-        if self.labels is None or (self.labels_by_order and self.labels.max() + 1 != num_classes):
-            return None
-        return self.labels if self.labels.max() < num_classes else None
+        return usable_labels(self.labels, self.labels_by_order, num_classes)
+
+    def batches(self, blocks: list[tuple[int, tuple[int, ...]]]) -> Iterator[Batch]:
+        """The rows of each ``(start, sizes)`` block (``image_stream.plan``)."""
+        for start, sizes in blocks:
+            end = start + sum(sizes)
+            positions = list(range(start, min(end, len(self.array))))
+            labels = None if self.labels is None else self.labels[start:end]
+            yield Batch(start, sizes, positions, self.array[start:end], labels)
+
+    def head(self, count: int) -> "Inputs":
+        """The first ``count`` inputs (itself when it holds no more)."""
+        if count >= len(self):
+            return self
+        return Inputs(self.array[:count], None if self.labels is None else self.labels[:count],
+                      f"the first {count} of {self.description}", self.labels_by_order)
+
+
+@dataclass
+class ImageFolder:
+    """Images of a folder, decoded batch by batch as they are used (``image_stream``): memory does not grow with
+    the number of images. Labels come from the ImageFolder layout when it has one (``class_indices``)."""
+
+    root: Path
+    paths: list[Path]
+    spec: Preprocessing
+    classes: list[str] | None  # the class folders of the ImageFolder layout
+    labels: np.ndarray | None  # one per path, by its class folder
+    labels_by_order: bool = False
+    decoders: int | None = None  # decoder threads (None: image_stream.DECODERS; 0: decode in the runner's thread)
+
+    @property
+    def description(self) -> str:
+        return f"{len(self.paths)} images from {self.root}"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, blocks: list[tuple[int, tuple[int, ...]]]) -> Iterator[Batch]:
+        """The readable images of each ``(start, sizes)`` block, decoded ahead by the pool."""
+        from .image_stream import DECODERS, decoded_batches
+
+        decoders = DECODERS if self.decoders is None else self.decoders
+        for d in decoded_batches(self.paths, self.spec, blocks, decoders):
+            labels = None if self.labels is None else self.labels[d.positions]
+            yield Batch(d.start, d.sizes, d.positions, d.array, labels, d.failures)
+
+    def head(self, count: int) -> Inputs:
+        """The first ``count`` images, decoded into memory (the readable ones)."""
+        inputs = labelled_inputs(self.root, self.paths[:count], self.spec, self.classes)
+        if count < len(self):
+            inputs.description = f"the first {len(inputs)} of {self.description}"
+        return inputs
+
+    def load(self) -> Inputs:
+        """Every image decoded into memory (for the few images of a check, never a validation set)."""
+        return labelled_inputs(self.root, self.paths, self.spec, self.classes)
+
+    def labels_for(self, num_classes: int) -> np.ndarray | None:
+        """The labels, or None where they cannot be the classes of a ``num_classes`` model."""
+        return usable_labels(self.labels, self.labels_by_order, num_classes)
+
+
+def image_folder(directory: str | Path, spec: Preprocessing) -> ImageFolder:
+    """The images of ``directory`` (``find_images``) to stream, labelled when it has the ImageFolder layout."""
+    root = Path(directory)
+    paths, classes = find_images(root)
+    labels, by_order = None, False
+    if classes:
+        index, by_order = class_indices(classes, spec.class_names)
+        labels = np.array([index[p.relative_to(root).parts[0]] for p in paths])
+    return ImageFolder(root, paths, spec, classes, labels, by_order)
 
 
 def find_images(directory: str | Path) -> tuple[list[Path], list[str] | None]:
@@ -100,77 +192,39 @@ def class_indices(classes: list[str], class_names: list[str] | None) -> tuple[di
     return {c: i for i, c in enumerate(classes)}, True
 
 
-def load_image(path: str | Path, spec: Preprocessing) -> np.ndarray:
-    """Decode one image and preprocess it to ``(C, H, W)`` float32 (resize, center crop, normalise)."""
-    from PIL import Image
-
-    height, width = spec.input_size
-    with Image.open(path) as image:
-        image = image.convert(PIL_MODES.get(spec.channels, "RGB"))
-        scale = max(spec.resize / min(image.size), height / image.height, width / image.width)
-        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(size, _resample(spec.interpolation))
-        left, top = (size[0] - width) // 2, (size[1] - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.shape[2] != spec.channels:  # e.g. 2 or 5+ channels: repeat the luminance
-        array = np.repeat(array.mean(axis=2, keepdims=True), spec.channels, axis=2)
-    array = (array - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def _resample(name: str):
-    from PIL import Image
-
-    return {"nearest": Image.NEAREST, "bicubic": Image.BICUBIC}.get(name, Image.BILINEAR)
-
-
-def read_image(path: str | Path, spec: Preprocessing) -> tuple[np.ndarray | None, str | None]:
-    """``load_image(path, spec)`` and None, or None and why (the error's type) for a file that cannot be decoded."""
-    from PIL import UnidentifiedImageError
-
-    try:
-        return load_image(path, spec), None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        return None, type(exc).__name__
-
-
-def decode_readable(paths: list[Path], spec: Preprocessing,
-                    advance=lambda steps=1: None) -> tuple[list[np.ndarray], list[Path], list[str]]:
-    """The preprocessed arrays of the readable ``paths``, those paths, and ``PATH (error)`` for the others."""
-    arrays, kept, failures = [], [], []
-    for path in paths:
-        array, error = read_image(path, spec)
-        if error:
-            failures.append(f"{path.parent.name}/{path.name} ({error})")  # its folder too: names repeat across classes
-        else:
-            arrays.append(array)
-            kept.append(path)
-        advance()
-    return arrays, kept, failures
-
-
 def decode_images(paths: list[Path], spec: Preprocessing, what: str = "Decoding images") -> tuple[np.ndarray, list[Path]]:
-    """Decode and preprocess ``paths`` with a progress bar; unreadable files are skipped with a warning.
+    """Decode and preprocess ``paths`` with a progress bar (``image_stream``'s pool); unreadable files are skipped
+    with a warning.
 
     Returns the ``(N, C, H, W)`` array and the paths that were kept. Raises when none is readable.
     """
+    from .image_stream import BLOCK_IMAGES, decoded_batches, plan
+
+    arrays, kept, failures = [], [], []
     with task(log, what, len(paths), done=False) as advance:
-        arrays, kept, failures = decode_readable(paths, spec, advance)
+        for d in decoded_batches(paths, spec, plan([BLOCK_IMAGES] * -(-len(paths) // BLOCK_IMAGES))):
+            if d.array is not None:
+                arrays.append(d.array)
+            kept += [paths[i] for i in d.positions]
+            failures += [text for _, text in d.failures]
+            advance(len(d.positions) + len(d.failures))
     if not kept:
         raise DataError(
             f"no readable image among {len(paths)} files: {len(failures)} skipped, cannot be decoded: "
             + ", ".join(failures[:3]) + (", ..." if len(failures) > 3 else "")
         )
+    warn_skipped(failures, len(paths))
+    return np.concatenate(arrays), kept
+
+
+def warn_skipped(failures: list[str], total: int) -> None:
+    """One warning naming the first unreadable files, when there are any."""
     if failures:
-        log.warning(f"skipped {len(failures)} unreadable images of {len(paths)}: " + ", ".join(failures[:3])
-             + (", ..." if len(failures) > 3 else ""))
-    return np.stack(arrays), kept
+        log.warning(f"skipped {len(failures)} unreadable images of {total}: " + ", ".join(failures[:3])
+                    + (", ..." if len(failures) > 3 else ""))
 
 
-def labelled_inputs(root: Path, paths: list[Path], classes: list[str] | None, spec: Preprocessing,
+def labelled_inputs(root: Path, paths: list[Path], spec: Preprocessing, classes: list[str] | None,
                     what: str = "Decoding images") -> Inputs:
     """Decode ``paths`` (images under ``root``) into Inputs, labelled when ``classes`` is known."""
     array, kept = decode_images(paths, spec, what)
@@ -184,7 +238,7 @@ def labelled_inputs(root: Path, paths: list[Path], classes: list[str] | None, sp
 def image_inputs(directory: str | Path, spec: Preprocessing, limit: int | None = None) -> Inputs:
     """Load (up to ``limit``) images of a folder, with labels when it has the ImageFolder layout."""
     paths, classes = find_images(directory)
-    return labelled_inputs(Path(directory), paths[:limit] if limit else paths, classes, spec)
+    return labelled_inputs(Path(directory), paths[:limit] if limit else paths, spec, classes)
 
 
 #: Without verification images of its own, at least this share of the calibration data is held out.
@@ -232,10 +286,10 @@ def calibration_split(
                        f": calibrating on all of them"))
     chosen = [paths[i] for i in sorted(order[:calibrate])]
     rest = [paths[i] for i in sorted(order[calibrate:calibrate + held])]
-    calib = labelled_inputs(root, chosen, classes, spec, "Decoding calibration images")
+    calib = labelled_inputs(root, chosen, spec, classes, "Decoding calibration images")
     held_out = None
     if rest:
-        held_out = labelled_inputs(root, rest, classes, spec, "Decoding held-out images")
+        held_out = labelled_inputs(root, rest, spec, classes, "Decoding held-out images")
         held_out.description = held_out_description(len(held_out.array), f"images from {root}")
     return calib, held_out
 
@@ -261,10 +315,11 @@ def random_inputs(spec: Preprocessing, count: int = 8, seed: int = 0) -> Inputs:
     return Inputs(array, None, f"{count} seeded random inputs (seed {seed})")
 
 
-def verification_inputs(loaded: "LoadedModel", images: str | Path | None, count: int = 8, seed: int = 0) -> Inputs:
-    """Real images from ``images`` when given, else ``count`` seeded random inputs."""
+def verification_inputs(loaded: "LoadedModel", images: str | Path | None, count: int = 8,
+                        seed: int = 0) -> Inputs | ImageFolder:
+    """Real images from ``images`` when given (streamed), else ``count`` seeded random inputs."""
     if images:
-        return image_inputs(images, loaded.preprocessing)
+        return image_folder(images, loaded.preprocessing)
     return random_inputs(loaded.preprocessing, count, seed)
 
 
@@ -299,5 +354,6 @@ def calibration_data(calib: str | Path, spec: Preprocessing, size: int, seed: in
         head, rest = arrays.array[:calibrate], arrays.array[calibrate:calibrate + held]
         kept = Inputs(rest, None, held_out_description(len(rest), f"arrays from {calib.name}")) if held else None
         return Inputs(head, None, f"{len(head)} arrays from {calib.name}"), kept
-    check_calibration_source(calib)
+    if not calib.is_dir():  # a folder is listed once, by the split (the request checked it when made)
+        check_calibration_source(calib)
     return calibration_split(calib, spec, size, seed, held_out_limit=limit)

@@ -14,18 +14,23 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .progress import task
-from .data import Inputs, calibration_data, check_calibration_source, image_inputs, random_inputs, verification_inputs
+from .data import (
+    ImageFolder, Inputs, calibration_data, check_calibration_source, image_folder, random_inputs, verification_inputs,
+)
 from .errors import OnnxError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .fold import FoldReport, checked_fold, fold_onnx_batchnorm, to_inference_mode
 from .cpu import CPU_FORMS, cpu_info, describe_cpu
-from .manifest import atomic_output, check_not_input, check_writable_dir, manifest_path, sha256_file, write_manifest
+from .manifest import (
+    atomic_output, check_not_input, check_writable_dir, manifest_path, sha256_file, write_json, write_manifest,
+)
 from .models import LoadedModel, model_files
 from .onnx_graph import (
     graph_precision,
@@ -54,6 +59,8 @@ from .trt import (
     unavailable_reason,
 )
 from .verify import GATES, Gate, Verification, plan_gate, verify
+from .verify_ray import scorer_on_ray
+from .verify_results import ResultsFile
 
 log = logging.getLogger(__name__)
 
@@ -336,9 +343,9 @@ def precision_from_onnx(
     metadata = {"preprocessing": spec.to_dict()} if preprocessing else None
     if precision == "int8":  # verification never sees a calibration sample
         calibration, held_out = calibration_data(calib, spec, calib_size, seed, held_out=val is None)
-        inputs = image_inputs(val, spec) if val else held_out
+        inputs = image_folder(val, spec) if val else held_out
     else:
-        inputs = image_inputs(val, spec) if val else random_inputs(spec, 32, seed)
+        inputs = image_folder(val, spec) if val else random_inputs(spec, 32, seed)
     random_weights = weights_random(source)  # gated on fidelity alone: their top-1 decisions are near-ties
     gate, custom_gate = request.gate(random_weights), request.custom_gate
     reference_label = PYTORCH if reference is not None else stand_in_label(source)
@@ -394,7 +401,7 @@ def precision_from_onnx(
         if searching:
             before = verification.metrics
             with task(log, "Ranking quantized convolutions by sensitivity"):
-                ranking = rank_quantized_convs(source, path, inputs.array[:32])
+                ranking = rank_quantized_convs(source, path, inputs.head(32).array)
             count = 1
             while not verification.passed and count <= len(ranking):
                 excluded = ranking[:count]
@@ -583,8 +590,9 @@ def artifact_preprocessing(artifact: Path, loaded: LoadedModel) -> Preprocessing
 
 
 def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images: str | Path | None = None,
-                    seed: int = 0, precision: str | None = None,
-                    backend: str = "ort") -> tuple[str, str, Verification]:
+                    seed: int = 0, precision: str | None = None, backend: str = "ort",
+                    results: str | Path | None = None, resume: bool = False, ray_address: str | None = None,
+                    workers: int = 2, decoders: int | None = None) -> tuple[str, str, Verification]:
     """Compare an ONNX file or a plan with PyTorch using its precision's gate.
 
     With ``loaded`` (the PyTorch model) on ``images`` or seeded random inputs, preprocessed as the artifact says
@@ -594,6 +602,10 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
     verification. A plan runs every batch of its profile (smallest, tuned, largest) and is gated as it was built
     (``plan_gate``). An ONNX runs on ONNX Runtime (``backend`` ort; an INT8 one also exactly, graph optimizations
     off: its fused run on this CPU must match) or compiled by OpenVINO for this CPU (``backend`` openvino).
+
+    ``images`` (a folder) stream through a pool of ``decoders`` threads (``image_stream``), and the per-image results
+    to ``results`` (JSON Lines; ``resume`` continues an interrupted run); with ``ray_address`` the batches are
+    scored by ``workers`` Ray actors (``verify_ray``), with the same figures.
     """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):
@@ -608,32 +620,60 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
     onnx_path = artifact if artifact.suffix == ".onnx" else Path((load_manifest(artifact) or {}).get("onnx", ""))
     if backend not in ("ort", "openvino") or (backend == "openvino" and artifact.suffix != ".onnx"):
         raise OnnxError(f"`backend` {backend} does not verify {artifact.suffix} files: ort or openvino run an ONNX")
-    if artifact.suffix != ".onnx":
-        candidate = TrtRunner(artifact)
-    elif backend == "openvino":
-        from .runners import OpenVinoRunner
-
-        candidate = OpenVinoRunner(artifact, precision, None)
-    else:
-        candidate = OrtRunner(artifact)
+    candidate = _candidate(artifact, backend, precision)
     if loaded is None:
         inputs, reference, described = _recorded_reference(artifact, onnx_path, images)
     else:
         spec = artifact_preprocessing(artifact, loaded)
         _check_input_shape(artifact, candidate, spec)
-        inputs = image_inputs(images, spec) if images else random_inputs(spec, 8, seed)
+        inputs = image_folder(images, spec) if images else random_inputs(spec, 8, seed)
+        if decoders is not None and images:
+            inputs.decoders = decoders
         reference, described = TorchRunner(loaded.module), f"{PYTORCH} on {inputs.description}"
     exact = OrtRunner(artifact, exact=True) if isinstance(candidate, OrtRunner) and precision == "int8" else None
     gate, sizes, slack = plan_gate(precision, onnx_path.is_file() and weights_random(onnx_path)), None, 0
     if isinstance(candidate, TrtRunner):  # every batch of the engine's optimization profile, as it was built
         options = (load_manifest(artifact) or {}).get("options", {})
         (gate, sizes), slack = _plan_checks(candidate, precision, onnx_path, options.get("tf32", False)), 1
+    streamed = results if images and loaded is not None else None
+    if streamed:
+        check_not_input([streamed], [artifact, images])
+        check_writable_dir(Path(streamed))
+        streamed = ResultsFile(streamed, {"artifact": artifact.name, "sha256": sha256_file(artifact),
+                                          "reference": described, "backend": backend}, resume)
+    scorer = None
+    if ray_address:
+        if not isinstance(inputs, ImageFolder):
+            raise OnnxError("`ray` verifies an image folder against the PyTorch model: give MODEL and `images`")
+        make = partial(_runners, loaded.module, artifact, backend, precision, exact is not None)
+        scorer = scorer_on_ray(inputs, make, ray_address, workers)
     with task(log, f"Verifying {artifact.name} against {described}"):
         verification = verify(reference, candidate, inputs, gate, getattr(candidate, "fixed_batch", None), sizes,
-                              exact=exact, cover=sizes is not None, described_reference=described, slack=slack)
+                              exact=exact, cover=sizes is not None, described_reference=described, slack=slack,
+                              results=streamed, scorer=scorer)
+    if streamed:  # the summary beside the per-image results, passed or not
+        write_json(Path(results).with_suffix(".json"), {"artifact": str(artifact), "precision": precision,
+                                                        "images": str(images), "verification": verification.to_dict()})
     verification.raise_if_failed(f"{artifact} failed the {precision.upper()} gate (precision from {origin}; "
                                  f"vs {described})")
     return precision, origin, verification
+
+
+def _candidate(artifact: Path, backend: str, precision: str) -> Runner:
+    """What runs ``artifact`` for ``verify_artifact``: TensorRT for a plan, else ONNX Runtime or OpenVINO."""
+    if artifact.suffix != ".onnx":
+        return TrtRunner(artifact)
+    if backend == "openvino":
+        from .runners import OpenVinoRunner
+
+        return OpenVinoRunner(artifact, precision, None)
+    return OrtRunner(artifact)
+
+
+def _runners(module, artifact: Path, backend: str, precision: str, exact: bool) -> tuple:
+    """The reference, candidate and exact runners of ``verify_artifact``, made where they run (a Ray actor)."""
+    return (TorchRunner(module), _candidate(artifact, backend, precision),
+            OrtRunner(artifact, exact=True) if exact else None)
 
 
 def _recorded_reference(artifact: Path, onnx_path: Path, images: str | Path | None):

@@ -2,8 +2,8 @@
 
 Rows are appended to ``OUT.partial`` as batches finish and the file is renamed to ``OUT`` only when
 the folder is done, so a killed run never leaves an ``OUT`` that looks complete; ``resume`` continues
-from the partial file and skips the images it holds. Locally, a thread pool decodes the next batches
-while the session runs; on Ray (``predict_ray``) tasks decode and actors run, and the driver writes.
+from the partial file and skips the images it holds. Locally, the decoder pool (``image_stream``) decodes the next
+batches while the session runs; on Ray (``predict_ray``) tasks decode and actors run, and the driver writes.
 Memory does not grow with the folder: rows are written, only counts are kept. Unreadable images are
 counted and skipped; with the ImageFolder layout whose folders are the model's classes, the result
 carries the top-1 accuracy.
@@ -18,14 +18,14 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from .data import DataError, decode_readable, images_given
+from .data import DataError, images_given
+from .image_stream import decoded_batches, plan
 from .inference import batch_sizes, label_index, open_artifact, ranked, row
 from .serving import check_served, serving_choice, warn_if_trt_int8_on_a_cpu
 from .manifest import check_not_input, check_writable_dir
@@ -36,8 +36,6 @@ from .verify import run_batches
 log = logging.getLogger(__name__)
 
 FORMATS = (".jsonl", ".csv")
-#: Batches decoded ahead of the one running.
-PREFETCH = 2
 
 
 @dataclass
@@ -175,24 +173,20 @@ def predict_folder(artifact: str | Path, images: str | Path | list, output: str 
 
 def _rows_locally(runner, spec: Preprocessing, paths: list[Path], top_k: int,
                   batch: int) -> Iterator[tuple[list[dict], list[str], int]]:
-    """(rows, unreadable files, number of classes) batch by batch; the next batches decode while one runs."""
+    """(rows, unreadable files, number of classes) batch by batch; the decoder pool works ahead (``image_stream``)."""
     names = spec.class_names
-    chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
-    with task(log, f"Predicting {len(paths)} images", len(paths)) as advance, \
-            ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="decode") as pool:
-        pending = [pool.submit(decode_readable, chunk, spec) for chunk in chunks[:PREFETCH]]
-        for i in range(len(chunks)):
-            arrays, kept, failures = pending.pop(0).result()
-            if i + PREFETCH < len(chunks):
-                pending.append(pool.submit(decode_readable, chunks[i + PREFETCH], spec))
+    batches = plan([batch] * -(-len(paths) // batch))
+    with task(log, f"Predicting {len(paths)} images", len(paths)) as advance:
+        for decoded in decoded_batches(paths, spec, batches):
+            kept = [paths[i] for i in decoded.positions]
             rows, outputs = [], 0
             if kept:
-                logits = run_batches(runner, np.stack(arrays), batch_sizes(runner, len(kept), batch))
+                logits = run_batches(runner, decoded.array, batch_sizes(runner, len(kept), batch))
                 outputs = logits.shape[1]
                 indices, scores = ranked(logits, top_k)
                 rows = [row(path, k, s, names) for path, k, s in zip(kept, indices, scores)]
-            advance(len(chunks[i]))
-            yield rows, failures, outputs
+            advance(len(kept) + len(decoded.failures))
+            yield rows, [text for _, text in decoded.failures], outputs
 
 
 def _csv_line(cells: list) -> str:

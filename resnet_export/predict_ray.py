@@ -15,16 +15,16 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import DataError
 from .preprocessing import Preprocessing
 from .progress import task
+from .ray_cluster import ray_data
 
 log = logging.getLogger(__name__)
 
 
 def decode(batch: dict, spec: dict) -> dict:
     """Ray task body: preprocess a batch of image paths; unreadable ones get an error and zeros."""
-    from .data import read_image
+    from .image_stream import read_image
 
     preprocessing = Preprocessing.from_dict(spec)
     blank = np.zeros((preprocessing.channels, *preprocessing.input_size), np.float32)
@@ -69,25 +69,13 @@ def rows_on_ray(artifact: Path, backend: str, spec: Preprocessing, paths: list[P
     """(rows, unreadable files, number of classes) per batch, computed on Ray (``address``: local, auto,
     ray://...), in the order of ``paths``. ``ran_on`` collects the process ids of the actors that ranked batches.
     A Ray started here is shut down at the end."""
-    try:
-        import ray
-        from ray.data import ActorPoolStrategy
-    except ImportError as exc:
-        raise DataError(f"`ray` needs Ray Data, which is not installed ({exc}): pip install 'ray[data]'") from exc
     from .inference import row
 
     if not paths:
         return
-    started = not ray.is_initialized()
-    if started:
-        # "local" starts a cluster of its own; Ray's default (None) would join the last `ray start` on this machine
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.execution_options.preserve_order = True  # rows in the files' order, as the local run writes them
+    with ray_data(address) as ray:
+        from ray.data import ActorPoolStrategy
+
         with task(log, f"Predicting {len(paths)} images on Ray ({workers} workers)", len(paths)) as advance:
             dataset = ray.data.from_items([{"path": str(p)} for p in paths])
             decoded = dataset.map_batches(decode, fn_kwargs={"spec": spec.to_dict()}, batch_size=batch,
@@ -105,6 +93,3 @@ def rows_on_ray(artifact: Path, backend: str, spec: Preprocessing, paths: list[P
                 if ran_on is not None:
                     ran_on.update(int(pid) for pid in item["worker"])
                 yield rows, failures, int(item["outputs"].max(initial=0))
-    finally:
-        if started:
-            ray.shutdown()

@@ -5,7 +5,7 @@ not the same ONNX replayed on ONNX Runtime. So every ONNX the toolkit verifies c
 inputs and the reference's logits on exactly those inputs, within ``BUDGET`` bytes (two inputs at least, so that a
 plan's rows can be told apart: ``verify.compare``'s centered cosine): it travels with the file,
 however the file is copied. Inputs decoded from images are stored as their 8-bit pixel codes when those rebuild
-the inputs bit for bit (``data.load_image``'s arithmetic); any other input as float16, with the logits computed
+the inputs bit for bit (``image_stream.load_image``'s arithmetic); any other input as float16, with the logits computed
 on those float16 values, so inputs and logits always agree exactly.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Inputs
+from .data import ImageFolder, Inputs
 from .errors import ResnetExportError
 from .preprocessing import Preprocessing
 from .verify import batch_plan, run_batches
@@ -58,7 +58,7 @@ class Record:
 
 
 def from_codes(codes: np.ndarray, mean, std) -> np.ndarray:
-    """Inputs from 8-bit pixel codes, with ``data.load_image``'s float32 arithmetic (code / 255, less mean, over std)."""
+    """Inputs from 8-bit pixel codes, with ``image_stream.load_image``'s float32 arithmetic (code / 255, less mean, over std)."""
     mean = np.asarray(mean, np.float32)[None, :, None, None]
     std = np.asarray(std, np.float32)[None, :, None, None]
     return (codes.astype(np.float32) / 255.0 - mean) / std
@@ -84,7 +84,7 @@ def _packed(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def make_record(inputs: Inputs, reference, spec: Preprocessing, source: str, stage: str) -> dict:
+def make_record(inputs: "Inputs | ImageFolder", reference, spec: Preprocessing, source: str, stage: str) -> dict:
     """The metadata value recording ``reference``'s logits on the first inputs that fit ``BUDGET``.
 
     ``reference`` is a Runner (it computes the logits on exactly the stored inputs); its name is kept as
@@ -96,6 +96,7 @@ def make_record(inputs: Inputs, reference, spec: Preprocessing, source: str, sta
     if source == PYTORCH and not made_by.startswith("torch"):
         raise RecordError(f"a reference recorded as {PYTORCH}'s was computed by {made_by}: it would hold later "
                           "artifacts to that, not to PyTorch")
+    inputs = inputs.head(MAX_SAMPLES)  # an image folder's first images, decoded
     count = min(MAX_SAMPLES, len(inputs.array))
     least = min(MIN_SAMPLES, count)
     while True:

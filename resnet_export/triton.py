@@ -574,7 +574,7 @@ def _readme(name: str, served: Served, max_batch: int, labels: bool, rewritten: 
             backend: str = "onnxruntime") -> str:
     spec = served.preprocessing or {}
     size = spec.get("input_size", ["H", "W"])
-    interpolation = spec.get("interpolation", "bilinear")  # as data.load_image resamples
+    interpolation = spec.get("interpolation", "bilinear")  # as image_stream.load_image resamples
     tensor_in, tensor_out = served.inputs[0], served.outputs[0]
     classification = (f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}", class_count=5)]\n'
                       if labels else f'    outputs = [grpcclient.InferRequestedOutput("{tensor_out.name}")]\n')

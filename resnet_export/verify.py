@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .data import Inputs
+from .data import Batch, DataError, ImageFolder, Inputs, warn_skipped
 from .errors import GateFailed, ResnetExportError
+from .image_stream import plan
+from .progress import task
 from .runners import Runner
+from .statistics import accuracy_statistics, agreement_interval, describe_statistics, per_class_drops
+from .verify_results import ResultsFile, Scored
+
+
+log = logging.getLogger(__name__)
 
 
 class VerificationError(ResnetExportError):
@@ -114,6 +124,17 @@ class Verification:
             "cpu": cpu_info(),
         }
 
+    @property
+    def batches(self) -> str:
+        """The batch sizes run, runs of one size counted: ``1,8x6249,3``."""
+        runs: list[list[int]] = []
+        for size in self.batch_sizes:
+            if runs and runs[-1][0] == size:
+                runs[-1][1] += 1
+            else:
+                runs.append([size, 1])
+        return ",".join(f"{size}x{count}" if count > 2 else ",".join([str(size)] * count) for size, count in runs)
+
     def summary(self) -> str:
         """The headline metrics in one line."""
         m = self.metrics
@@ -124,13 +145,25 @@ class Verification:
         )
         if "accuracy_candidate" in m:
             text += f", accuracy {m['accuracy_candidate']:.1%} (reference {m['accuracy_reference']:.1%})"
+        if m.get("samples", 0) > 1 and describe_statistics(m):
+            text += f"; {describe_statistics(m)}"
         if self.gate.min_centered_cosine is not None and m.get("min_centered_cosine") is None:
             text += "; rows not told apart (one distinct input: a wrong binding would pass)"
         if self.gate == RANDOM_WEIGHT_PLAN_GATES["int8"]:
             text += "; random-weight INT8: checked for collapse only (quantization noise hides which input a row answers)"
         if self.kernels:
-            text += f"; fused vs exact Q/DQ on this CPU: min cosine {self.kernels['metrics']['min_cosine']:.5f}"
+            checked = self.kernels["metrics"]["samples"]
+            text += (f"; fused vs exact Q/DQ on this CPU: min cosine {self.kernels['metrics']['min_cosine']:.5f}"
+                     + (f" (first {checked} inputs)" if checked < m["samples"] else ""))
         return text
+
+
+#: Images the exact run of an INT8 graph checks the fused kernels on (``verify``'s ``exact``): a property of this
+#: CPU's kernels, shown by the first batches (saturation drops the min cosine to 0.24-0.65 within a few images);
+#: on a validation set the exact run, slower than both runners together, would otherwise set the pace.
+KERNEL_ROWS = 256
+#: Rows whose logits are kept for the input-dependent cosine (``compare``): its mean row needs them all at once.
+HEAD_ROWS = 64
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -139,12 +172,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict:
-    """Metrics of ``candidate`` logits against ``reference`` logits, both ``(N, classes)``.
+def row_stats(reference: np.ndarray, candidate: np.ndarray) -> dict[str, np.ndarray]:
+    """The few numbers per row that ``metrics_from`` reduces: each row's cosine, largest and summed absolute
+    difference, largest reference magnitude, non-finite count, KL divergence, and both top-5s.
 
-    ``nonfinite`` counts the candidate's NaN and Inf values (every gate fails on any); a reference with any is an
-    error, since nothing can be measured against it. ``min_centered_cosine`` compares the rows less the reference's
-    mean row, the part of the logits that depends on the input (None when the reference rows do not differ).
+    A reference with any NaN or Inf is an error, since nothing can be measured against it.
     """
     reference = reference.astype(np.float64)
     candidate = candidate.astype(np.float64)
@@ -152,34 +184,88 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         raise VerificationError(f"the reference's outputs hold {np.count_nonzero(~np.isfinite(reference))} non-finite "
                                 "value(s) (NaN or Inf): nothing can be compared with them")
     diff = np.abs(reference - candidate)
+    with np.errstate(invalid="ignore"):  # a non-finite candidate gives NaN here; the gates fail it by its count
+        cosine = _row_cosines(reference, candidate)
+    k = min(5, reference.shape[1])
+    p, q = _softmax(reference), _softmax(candidate)
+    return {
+        "cosine": cosine,
+        "max_abs": diff.max(axis=1),
+        "sum_abs": diff.sum(axis=1),
+        "ref_absmax": np.abs(reference).max(axis=1),
+        "nonfinite": np.count_nonzero(~np.isfinite(candidate), axis=1),
+        "kl": (p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(axis=1),
+        "top_ref": np.argsort(-reference, axis=1, kind="stable")[:, :k],
+        "top_cand": np.argsort(-candidate, axis=1, kind="stable")[:, :k],
+        "classes": np.full(len(reference), reference.shape[1]),
+    }
+
+
+def _sum(values: np.ndarray) -> float:
+    """An exact sum (the same whatever order the rows came in), NaN or Inf as numpy gives them."""
+    return math.fsum(values) if np.isfinite(values).all() else float(np.sum(values))
+
+
+def metrics_from(stats: dict[str, np.ndarray], labels: np.ndarray | None = None,
+                 head: tuple[np.ndarray, np.ndarray] | None = None, names: list[str] | None = None) -> dict:
+    """The metrics of rows reduced by ``row_stats`` (concatenated in any grouping; the figures do not depend on it).
+
+    ``head``: the reference and candidate logits of the first rows (up to ``HEAD_ROWS``), for
+    ``min_centered_cosine``: their rows less the reference's mean row, the part of the logits that depends on the
+    input (None when the reference rows do not differ). ``labels`` (one per row) add the accuracies and the
+    reviewer's statistics (``statistics.accuracy_statistics``, the classes that fell most, named by ``names``);
+    without them, top-1 agreement's interval.
+    """
+    n = len(stats["cosine"])
+    top_ref, top_cand = stats["top_ref"], stats["top_cand"]
+    agree = top_ref[:, 0] == top_cand[:, 0]
+    max_abs = float(stats["max_abs"].max())
+    metrics = {
+        "samples": int(n),
+        "nonfinite": int(stats["nonfinite"].sum()),
+        "max_abs_err": max_abs,
+        "mean_abs_err": _sum(stats["sum_abs"]) / (n * int(stats["classes"][0])),
+        "max_rel_err": float(max_abs / max(stats["ref_absmax"].max(), 1e-30)),
+        "min_cosine": float(stats["cosine"].min()),
+        "min_centered_cosine": _centered_cosine(*head) if head is not None else None,
+        "top1_agreement": float(agree.mean()),
+        "top5_agreement": float(np.all(np.sort(top_ref, axis=1) == np.sort(top_cand, axis=1), axis=1).mean()),
+        "kl_divergence": _sum(stats["kl"]) / n,
+    }
+    if labels is None:
+        metrics["statistics"] = {"top1_agreement_ci95": agreement_interval(int(agree.sum()), n)}
+        return metrics
+    ref_right, cand_right = top_ref[:, 0] == labels, top_cand[:, 0] == labels
+    metrics["accuracy_reference"] = float(ref_right.mean())
+    metrics["accuracy_candidate"] = float(cand_right.mean())
+    metrics["accuracy_drop_points"] = 100 * (metrics["accuracy_reference"] - metrics["accuracy_candidate"])
+    metrics["statistics"] = {**accuracy_statistics(ref_right, cand_right),
+                             "top1_agreement_ci95": agreement_interval(int(agree.sum()), n),
+                             "classes_fallen_most": per_class_drops(labels, ref_right, cand_right, names)}
+    return metrics
+
+
+def _centered_cosine(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """The least cosine of the rows' input-dependent parts (less the reference's mean row); None when no row
+    differs from the mean."""
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
     mean_row = reference.mean(axis=0)
     centered, moved = reference - mean_row, candidate - mean_row
     varied = np.linalg.norm(centered, axis=1) > 1e-9 * max(np.abs(reference).max(), 1e-30)
-    with np.errstate(invalid="ignore"):  # a non-finite candidate gives NaN here; the gates fail it by its count
-        cosine = _row_cosines(reference, candidate)
-        centered_cosine = _row_cosines(centered[varied], moved[varied])
-    k = min(5, reference.shape[1])
-    top_ref = np.argsort(-reference, axis=1)[:, :k]
-    top_cand = np.argsort(-candidate, axis=1)[:, :k]
-    p, q = _softmax(reference), _softmax(candidate)
-    kl = (p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(axis=1)
-    metrics = {
-        "samples": int(reference.shape[0]),
-        "nonfinite": int(np.count_nonzero(~np.isfinite(candidate))),
-        "max_abs_err": float(diff.max()),
-        "mean_abs_err": float(diff.mean()),
-        "max_rel_err": float(diff.max() / max(np.abs(reference).max(), 1e-30)),
-        "min_cosine": float(cosine.min()),
-        "min_centered_cosine": float(centered_cosine.min()) if varied.any() else None,
-        "top1_agreement": float((top_ref[:, 0] == top_cand[:, 0]).mean()),
-        "top5_agreement": float(np.mean([set(a) == set(b) for a, b in zip(top_ref, top_cand)])),
-        "kl_divergence": float(kl.mean()),
-    }
-    if labels is not None:
-        metrics["accuracy_reference"] = float((top_ref[:, 0] == labels).mean())
-        metrics["accuracy_candidate"] = float((top_cand[:, 0] == labels).mean())
-        metrics["accuracy_drop_points"] = 100 * (metrics["accuracy_reference"] - metrics["accuracy_candidate"])
-    return metrics
+    if not varied.any():
+        return None
+    with np.errstate(invalid="ignore"):
+        return float(_row_cosines(centered[varied], moved[varied]).min())
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Metrics of ``candidate`` logits against ``reference`` logits, both ``(N, classes)`` (``metrics_from``).
+
+    ``nonfinite`` counts the candidate's NaN and Inf values (every gate fails on any); a reference with any is an
+    error. ``min_centered_cosine`` is taken over the first ``HEAD_ROWS`` rows.
+    """
+    stats = row_stats(reference, candidate)
+    return metrics_from(stats, labels, (reference[:HEAD_ROWS], candidate[:HEAD_ROWS]))
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -262,10 +348,45 @@ def covering(inputs: Inputs, sizes: list[int], expected: np.ndarray | None = Non
             None if expected is None else expected[index])
 
 
+def score_batch(reference: Runner | None, candidate: Runner, batch: Batch, exact: Runner | None = None,
+                expected: np.ndarray | None = None) -> Scored:
+    """One block run through the candidate, then the reference (or its ``expected`` logits, indexed by position),
+    each over all the block's batches, and reduced to ``row_stats``; a short batch is padded (``run_batches``)."""
+    if batch.array is None or not len(batch.positions):
+        return Scored(batch.start, [], None, failures=batch.failures)
+    cand = run_batches(candidate, batch.array, list(batch.sizes))
+    ref = expected[batch.positions] if expected is not None else run_batches(reference, batch.array, list(batch.sizes))
+    checks_kernels = exact is not None and batch.start < KERNEL_ROWS
+    kernel = row_stats(run_batches(exact, batch.array, list(batch.sizes)), cand) if checks_kernels else None
+    first = sum(p < HEAD_ROWS for p in batch.positions)
+    head = (ref[:first], cand[:first]) if first else None
+    return Scored(batch.start, list(batch.positions), row_stats(ref, cand), batch.labels, kernel, head, batch.failures)
+
+
+def merged(parts: list[Scored]) -> Scored:
+    """The batches' rows as one, in position order."""
+    parts = sorted(parts, key=lambda s: s.start)
+    rows = [s for s in parts if s.stats is not None]
+    failures = [f for s in parts for f in s.failures]
+    if not rows:
+        return Scored(0, [], None, failures=failures)
+
+    def joined(pick):
+        values = [v for v in map(pick, rows) if v is not None]
+        return {k: np.concatenate([v[k] for v in values]) for k in values[0]} if values else None
+
+    heads = [s.head for s in rows if s.head is not None]
+    return Scored(0, [p for s in rows for p in s.positions], joined(lambda s: s.stats),
+                  None if rows[0].labels is None else np.concatenate([s.labels for s in rows]),
+                  joined(lambda s: s.kernel),
+                  (np.concatenate([h[0] for h in heads]), np.concatenate([h[1] for h in heads])) if heads else None,
+                  failures)
+
+
 def verify(
-    reference: Runner | np.ndarray,
+    reference: Runner | np.ndarray | None,
     candidate: Runner,
-    inputs: Inputs,
+    inputs: Inputs | ImageFolder,
     gate: Gate,
     fixed_batch: int | None = None,
     sizes: list[int] | None = None,
@@ -273,31 +394,63 @@ def verify(
     cover: bool = False,
     described_reference: str = "",
     slack: int = 0,
+    results: ResultsFile | None = None,
+    scorer: Callable[[list[tuple[int, tuple[int, ...]]]], Iterator[Scored]] | None = None,
 ) -> Verification:
-    """Run both runners on the same inputs, compute the metrics and check them against ``gate``.
+    """Run both runners on the same inputs batch by batch, reduce each batch to per-row numbers, then compute the
+    metrics and check them against ``gate``.
 
+    ``inputs``: in memory, or an image folder decoded as it runs (memory flat in the number of images).
     ``reference`` is a runner or the reference logits of ``inputs`` (recorded ones). ``sizes`` overrides the
     batch plan (an engine's profile batches); with ``cover`` the inputs repeat until every batch of ``sizes``
     runs full. ``exact`` is the candidate's graph run as written (``OrtRunner(path, exact=True)``): the
     candidate must also match it (``KERNEL_GATE``), else its fused INT8 kernels do not compute the graph on
-    this CPU. ``described_reference`` says in words what ``reference`` is; ``slack`` as for ``gate_failures``.
+    this CPU (checked on the first ``KERNEL_ROWS`` images). ``described_reference`` says in words what
+    ``reference`` is; ``slack`` as for ``gate_failures``.
+    ``results`` streams per-image results and holds the batches an interrupted run finished; ``scorer`` scores
+    the batches elsewhere (``verify_ray``), else they are scored here.
     """
-    sizes = sizes or batch_plan(len(inputs.array), fixed_batch)
     expected = reference if isinstance(reference, np.ndarray) else None
-    distinct = len(inputs.array)
-    if cover:
-        inputs, expected = covering(inputs, sizes, expected)
-    cand = run_batches(candidate, inputs.array, sizes)
-    ref = expected[:len(cand)] if expected is not None else run_batches(reference, inputs.array, sizes)
-    labels = inputs.labels_for(ref.shape[1])
-    metrics = compare(ref, cand, None if labels is None else labels[:len(ref)])
+    distinct = len(inputs)
+    if cover and isinstance(inputs, ImageFolder) and len(inputs) >= sum(sizes):  # every size runs, the rest at the max
+        sizes = sizes + [sizes[-1]] * -(-(len(inputs) - sum(sizes)) // sizes[-1])
+    elif cover:
+        inputs, expected = covering(inputs if isinstance(inputs, Inputs) else inputs.load(), sizes, expected)
+    sizes = sizes or batch_plan(len(inputs), fixed_batch)
+    batches = [b for b in plan(sizes) if b[0] < len(inputs)]
+    done = results.open(batches, len(inputs)) if results else {}
+    parts = list(done.values())
+    todo = [b for b in batches if b[0] not in done]
+    paths = getattr(inputs, "paths", None)
+    scored = scorer(todo) if scorer else (score_batch(reference, candidate, b, exact, expected)
+                                          for b in inputs.batches(todo))
+    with task(log, f"Comparing on {inputs.description}", len(inputs), done=False) as advance:
+        advance(sum(len(s.positions) + len(s.failures) for s in parts))
+        for part in scored:
+            if results:
+                results.write(part, paths)
+            parts.append(part)
+            advance(len(part.positions) + len(part.failures))
+    rows = merged(parts)
+    if rows.stats is None:
+        raise DataError(f"no readable image among {len(inputs)} files under {getattr(inputs, 'root', '')}")
+    warn_skipped([text for _, text in rows.failures], len(inputs))
+    if results:
+        results.finish()
+    classes = int(rows.stats["classes"][0])
+    labels = rows.labels if inputs.labels_for(classes) is not None else None
+    names = getattr(getattr(inputs, "spec", None), "class_names", None)
+    metrics = metrics_from(rows.stats, labels, rows.head, names)
     described = inputs.description
-    if len(ref) < len(inputs.array):  # say what was compared, not what was loaded
-        described = f"the first {len(ref)} of {described}"
-    failures = gate_failures(metrics, gate, slack, min(distinct, len(ref)))
+    compared = len(rows.positions)
+    if rows.failures:
+        described = f"{compared} readable of {described}"
+    elif compared < len(inputs):  # say what was compared, not what was loaded
+        described = f"the first {compared} of {described}"
+    failures = gate_failures(metrics, gate, slack, min(distinct, compared))
     kernels = None
     if exact is not None:
-        kernel_metrics = compare(run_batches(exact, inputs.array, sizes), cand)
+        kernel_metrics = metrics_from(rows.kernel)
         kernel_failures = gate_failures(kernel_metrics, KERNEL_GATE)
         kernels = {"passed": not kernel_failures, "gate": KERNEL_GATE.__dict__, "metrics": kernel_metrics}
         if kernel_failures:

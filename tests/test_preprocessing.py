@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_export.data import load_image
+from resnet_export.image_stream import load_image
 from resnet_export.errors import EXIT_GATE_FAILED
 from resnet_export.models import load_model
 from resnet_export.onnx_graph import META_PREFIX, onnx_preprocessing

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from resnet_export.data import load_image
+from resnet_export.image_stream import load_image
 from resnet_export.errors import EXIT_TRT_UNAVAILABLE
 from resnet_export.models import default_preprocessing
 from resnet_export.onnx_graph import quantized_convs

@@ -130,10 +130,11 @@ def test_openvino_backend_errors_write_nothing(resnet18_onnx, tmp_path, args, me
 
 
 def test_readme_snippet_preprocesses_as_the_toolkit(resnet18_small, tmp_path):
-    """The client snippet's preprocess() must give the tensor data.load_image gives, for a non-square input."""
+    """The client snippet's preprocess() must give the tensor image_stream.load_image gives, for a non-square input."""
     from PIL import Image
 
-    from resnet_export.data import find_images, load_image
+    from resnet_export.data import find_images
+    from resnet_export.image_stream import load_image
     from resnet_export.onnx_graph import onnx_preprocessing
     from resnet_export.pipeline import onnx_from_model
 
