@@ -40,7 +40,7 @@ mutate: $(STAMP)
 
 # The GPU modules type-checked against the real TensorRT Python bindings (imported over a NULL shim: API only,
 # nothing builds or runs) of the oldest supported 10.x, the newest 10.x and the newest 11.x (tools/trt_api_versions).
-# Wheels, shims and stubs are cached under $(VENV)/trt-api; tests/test_trt_double.py holds the test double to the
+# Wheels, shims and stubs are cached under $(VENV)/trt-api; tests/engine/test_trt_double.py holds the test double to the
 # same stubs. Needs gcc and PyPI.
 TRT_API_VERSIONS = $(shell cat tools/trt_api_versions)
 api-check: $(STAMP)
@@ -57,7 +57,7 @@ bench-ci: $(STAMP)
 # Refresh the CI baseline of this machine's CPU class on purpose: run it, then commit the file it names.
 bench-baseline: $(STAMP)
 	$(BENCH_CI) --report $(OUT)/bench-baseline
-	$(BIN)/python -c "import json, shutil, sys; from resnet_export.baseline import cpu_class; \
+	$(BIN)/python -c "import json, shutil, sys; from resnet_export.bench.baseline import cpu_class; \
 		r = json.load(open('$(OUT)/bench-baseline/report.json')); \
 		target = 'benchmarks/baselines/bench-ci-' + cpu_class(r['environment']) + '.json'; \
 		shutil.copyfile('$(OUT)/bench-baseline/report.json', target); print('baseline written:', target)"

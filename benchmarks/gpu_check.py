@@ -171,7 +171,7 @@ def estimate(group: tuple[str, str], batches: int, min_time: float) -> float:
 def lacking(groups: list[tuple[str, str]], packages: list[dict]) -> dict[tuple[str, str], str]:
     """The groups this machine cannot run, with the reason: a backend that is not here (TensorRT, ONNX Runtime's
     CUDA provider) or ModelOpt missing for FP16 and INT8 ONNX."""
-    from resnet_export.bench import backend_unavailable
+    from resnet_export.bench.harness import backend_unavailable
 
     reasons = {}
     modelopt = next(p for p in packages if p["package"] == "modelopt")["version"]
@@ -325,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
               "(make wheelhouse)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
-    from resnet_export.bench import Settings, environment, gpu_name, parse_batch_sizes, weights_kind
-    from resnet_export.bench import run_matrix
-    from resnet_export.bench_report import write_reports
+    from resnet_export.bench.harness import Settings, environment, gpu_name, parse_batch_sizes, weights_kind
+    from resnet_export.bench.harness import run_matrix
+    from resnet_export.bench.report import write_reports
     from resnet_export.manifest import atomic_output, write_json
-    from resnet_export.models import load_model
+    from resnet_export.source.models import load_model
 
     gpu = gpu_name()
     if gpu is None and not args.dry_run:
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             dropped[group] = f"dropped for --budget {args.budget:.0f} s (estimated {seconds:.0f} s)"
     watch = CaptureWatch()
-    logging.getLogger("resnet_export.device").addHandler(watch)
+    logging.getLogger("resnet_export.runtime.device").addHandler(watch)
     env = environment(settings)
     reference = json.loads(REFERENCE.read_text())
     loaded = load_model(arch=args.arch, input_size=(args.input_size,) * 2 if args.input_size else None)
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _device():
-    from resnet_export import device
+    from resnet_export.runtime import device
 
     return device.current()
 

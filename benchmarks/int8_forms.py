@@ -29,11 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from resnet_export.cpu import cpu_info, describe_cpu  # noqa: E402
 from resnet_export.data import calibration_data, image_inputs, random_inputs  # noqa: E402
-from resnet_export.models import load_model  # noqa: E402
+from resnet_export.source.models import load_model  # noqa: E402
 from resnet_export.pipeline import onnx_from_model  # noqa: E402
-from resnet_export.precision import quantize_int8  # noqa: E402
-from resnet_export.runners import OpenVinoRunner, OrtRunner  # noqa: E402
-from resnet_export.verify import compare, run_batches  # noqa: E402
+from resnet_export.quantize.precision import quantize_int8  # noqa: E402
+from resnet_export.runtime.runners import OpenVinoRunner, OrtRunner  # noqa: E402
+from resnet_export.checks.verify import compare
+from resnet_export.runtime.batches import run_batches  # noqa: E402
 from tests.digits import DIGITS_RESNET, RESNET18, train_digits, write_digit_images  # noqa: E402
 
 FORMS = ("vnni", "portable")  # before, after

@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from int8_forms import interleaved_speeds, models, ratio_cells  # noqa: E402
 from resnet_export.cpu import cpu_info, describe_cpu  # noqa: E402
-from resnet_export.precision import input_name, quantize_int8  # noqa: E402
-from resnet_export.runners import OpenVinoRunner, OrtRunner  # noqa: E402
-from resnet_export.verify import compare, run_batches  # noqa: E402
+from resnet_export.quantize.precision import input_name, quantize_int8  # noqa: E402
+from resnet_export.runtime.runners import OpenVinoRunner, OrtRunner  # noqa: E402
+from resnet_export.checks.verify import compare
+from resnet_export.runtime.batches import run_batches  # noqa: E402
 
 BATCHES = (1, 8)
 

@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from resnet_export.baseline import cpu_class, row_key  # noqa: E402
+from resnet_export.bench.baseline import cpu_class, row_key  # noqa: E402
 
 MEASURES = (("speed-up vs torch", "speedup_vs_torch"), ("img/s", "throughput"))
 

@@ -60,9 +60,9 @@ def rate(runner, batch: np.ndarray, seconds: float = 20.0) -> float:
 
 def speeds(work: Path, count: int) -> dict:
     from resnet_export.data import image_folder
-    from resnet_export.models import load_model
+    from resnet_export.source.models import load_model
     from resnet_export.pipeline import PrecisionRequest, onnx_from_model, precision_from_onnx, verify_artifact
-    from resnet_export.runners import OrtRunner, TorchRunner
+    from resnet_export.runtime.runners import OrtRunner, TorchRunner
 
     images = make_images(work / f"jpeg{count}", count)
     model = load_model(arch="resnet50")
@@ -86,7 +86,7 @@ def speeds(work: Path, count: int) -> dict:
 RSS_CHILD = """
 import sys
 from pathlib import Path
-from resnet_export.models import load_model
+from resnet_export.source.models import load_model
 from resnet_export.pipeline import onnx_from_model, verify_artifact
 size, folder, onnx = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 model = load_model(arch="resnet18", num_classes=10, input_size=(size, size))

@@ -5,32 +5,35 @@ Runtime; each name loads its module on first use, so the command line answers ``
 each spawned quantization worker imports only what it runs.
 """
 
+from ._moved import install as _install_moved
 from ._version import __version__
+
+_install_moved()  # the module paths before the layout by stage import for one more release
 
 #: Public name -> the module that defines it.
 _API = {
-    "GATES": "verify",
+    "GATES": "checks.verify",
     "PrecisionRequest": "pipeline",
-    "build_engine": "trt",
-    "compare": "verify",
+    "build_engine": "engine.build",
+    "compare": "checks.verify",
     "engine_from_onnx": "pipeline",
-    "export_onnx": "export",
-    "fold_batchnorm": "fold",
-    "fold_onnx_batchnorm": "fold",
+    "export_onnx": "source.export",
+    "fold_batchnorm": "source.fold",
+    "fold_onnx_batchnorm": "source.fold",
     "fold_onnx_file": "pipeline",
     "image_inputs": "data",
-    "load_model": "models",
+    "load_model": "source.models",
     "onnx_from_model": "pipeline",
     "precision_from_onnx": "pipeline",
-    "quantize_int8": "precision",
+    "quantize_int8": "quantize.precision",
     "random_inputs": "data",
     "read_metadata": "onnx_graph",
-    "run_matrix": "bench",
-    "to_fp16": "precision",
+    "run_matrix": "bench.harness",
+    "to_fp16": "quantize.precision",
     "trt_from_source": "pipeline",
-    "verify": "verify",
+    "verify": "checks.verify",
     "verify_artifact": "pipeline",
-    "write_reports": "bench",
+    "write_reports": "bench.report",
 }
 
 __all__ = ["__version__", *sorted(_API)]

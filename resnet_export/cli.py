@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .baseline import DEFAULT_MAX_REGRESSION
+from .bench.baseline import DEFAULT_MAX_REGRESSION
 from .console import RichListener, RichLogHandler, as_flags, console
 from .errors import EXIT_USER_ERROR, ResnetExportError, first_line
 
@@ -106,7 +106,7 @@ def _parse_positive_ints(_ctx, _param, value: str | None):
 
 
 def _parse_opset(_ctx, _param, value: int | None):
-    from .precision import MIN_OPSET
+    from .quantize.precision import MIN_OPSET
 
     if value is not None and value < MIN_OPSET:
         raise click.BadParameter(f"opset {value} is below {MIN_OPSET}, which `quantize` and `trt` need for this ONNX "
@@ -177,7 +177,7 @@ def model_options(command):
     @functools.wraps(command)
     def wrapper(arch, factory, weights, num_classes, in_channels, input_size, mean, std, resize, interpolation, seed,
                 **kwargs):
-        from .models import load_model
+        from .source.models import load_model
 
         def load():
             with console.status("Loading model ..."):
@@ -212,7 +212,7 @@ def _output_option(suffix: str, default: str):
 @main.command("list")
 def list_archs() -> None:
     """List the supported archs with parameters, GMACs at 224x224 and known weights."""
-    from .models import ARCHS, arch_summary
+    from .source.models import ARCHS, arch_summary
 
     click.echo(f"{'arch':<18} {'params':>9} {'GMACs':>6}  weights")
     for arch in ARCHS:
@@ -230,7 +230,7 @@ def list_archs() -> None:
 @_output_option("OUT.onnx", "MODEL.onnx, e.g. resnet50.onnx")
 def onnx(load, seed, opset, batch, images, no_verify, output) -> None:
     """Export a folded FP32 ONNX model and verify it against PyTorch."""
-    from .export import DEFAULT_OPSET
+    from .source.export import DEFAULT_OPSET
     from .manifest import check_writable_dir
     from .pipeline import default_output, onnx_from_model
 
@@ -387,7 +387,7 @@ def trt(onnx_path, load, seed, make_request, min_batch, opt_batch, max_batch, wo
         builder_opt_level, version_compatible, hardware_compat, tf32, onnx_only, output):
     """Export, convert precision for TensorRT, verify, then build and verify the engine."""
     from .pipeline import default_output, trt_from_source
-    from .trt import BatchProfile, BuildOptions, check_profile
+    from .engine.build import BatchProfile, BuildOptions, check_profile
 
     request = make_request(False, target="trt", seed=seed)  # checks the calibration data before any export
     profile = check_profile(BatchProfile(min_batch, opt_batch, max_batch), None)
@@ -496,7 +496,7 @@ ALLOW_FAILED = click.option("--allow-failed", is_flag=True,
 def predict(artifact, images, top_k, batch, backend, ray_address, workers, resume, output, allow_failed):
     """Run an ONNX file or a plan on IMAGES (a folder, searched recursively, or image files); write the top-k classes
     of each."""
-    from .predict import partial_path, predict_folder
+    from .deploy.predict import partial_path, predict_folder
 
     try:
         result = predict_folder(artifact, images, output, top_k=top_k, batch=batch, backend=backend,
@@ -528,7 +528,7 @@ def predict(artifact, images, top_k, batch, backend, ray_address, workers, resum
               help="Folder for trend.md and trend.png.")
 def trend(reports, output):
     """Turn a folder of bench reports (report.json, any depth) into a trend of speed-up and agreement per row."""
-    from .baseline import trend as write_trend
+    from .bench.baseline import trend as write_trend
 
     paths = write_trend(reports, output)
     click.echo(paths["trend.md"].read_text())
@@ -556,7 +556,7 @@ def trend(reports, output):
 def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_queue_delay_us, preferred_batch, ort_trt,
            backend, labels, force, allow_failed):
     """Write a Triton model repository entry (config.pbtxt, VERSION/model.onnx|model.plan, labels, README)."""
-    from .triton import TritonRequest, triton_entry
+    from .deploy.triton import TritonRequest, triton_entry
 
     request = TritonRequest(name, model_version, max_batch, instances, kind, max_queue_delay_us,
                             preferred_batch or (), ort_trt, labels, force, TRITON_BACKENDS[backend], allow_failed)
@@ -571,7 +571,7 @@ def triton(artifact, repo, name, model_version, max_batch, instances, kind, max_
 def inspect(artifact, as_json):
     """Report what an ONNX file or a plan is: I/O, precision, preprocessing, verification, machines, op mix."""
     from .console import print_description
-    from .describe import describe
+    from .deploy.describe import describe
 
     info = describe(artifact)
     if as_json:
@@ -615,7 +615,15 @@ def inspect(artifact, as_json):
 def bench(load, seed, backends, precisions, batch_sizes, warmup, iters, min_time, rounds, threads, calib, calib_size,
           report, baseline, max_regression, tf32, cuda_graph, streams, plan, allow_failed):
     """Measure latency and throughput per backend, precision and batch, checked against PyTorch."""
-    from .bench import BACKENDS, PRECISIONS, Settings, parse_batch_sizes, parse_list, prepare_report, run_benchmark
+    from .bench.harness import (
+        BACKENDS,
+        PRECISIONS,
+        Settings,
+        parse_batch_sizes,
+        parse_list,
+        prepare_report,
+        run_benchmark,
+    )
     from .errors import GateFailed
 
     context = click.get_current_context()

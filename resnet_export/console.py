@@ -146,7 +146,7 @@ def print_description(info: dict) -> None:
 
 def print_statistics(out, metrics: dict) -> None:
     """The reviewer's statistics of a verification (``statistics``) and the classes whose accuracy fell most."""
-    from .statistics import describe_statistics
+    from .checks.statistics import describe_statistics
 
     said = describe_statistics(metrics)
     if not said:

@@ -77,3 +77,7 @@ def describe_cpu(info: dict) -> str:
     if "u8s8" in info:
         measured = f"; u8s8 pairs {'saturate' if info['u8s8']['pair_saturation'] else 'exact'}, measured"
     return f"{info.get('model') or info.get('vendor') or 'unknown CPU'} ({info.get('arch')}: {flags}{measured})"
+
+
+#: Best INT8 dot-product instruction set first: what decides a CPU's INT8 speed class.
+INT8_ISA_ORDER = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")

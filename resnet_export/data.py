@@ -1,6 +1,6 @@
 """Inputs: image folders (ImageFolder layout gives labels), seeded random batches, preprocessing.
 
-Images are preprocessed exactly as the :class:`~resnet_export.models.Preprocessing` stored with the
+Images are preprocessed exactly as the :class:`~resnet_export.preprocessing.Preprocessing` stored with the
 model says, so verification (and later calibration) sees what inference will see.
 """
 
@@ -10,7 +10,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -18,8 +18,6 @@ from .progress import task
 from .errors import ResnetExportError
 from .preprocessing import Preprocessing
 
-if TYPE_CHECKING:
-    from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +313,12 @@ def random_inputs(spec: Preprocessing, count: int = 8, seed: int = 0) -> Inputs:
     return Inputs(array, None, f"{count} seeded random inputs (seed {seed})")
 
 
-def verification_inputs(loaded: "LoadedModel", images: str | Path | None, count: int = 8,
+def verification_inputs(spec: Preprocessing, images: str | Path | None, count: int = 8,
                         seed: int = 0) -> Inputs | ImageFolder:
-    """Real images from ``images`` when given (streamed), else ``count`` seeded random inputs."""
+    """Real images from ``images`` when given (streamed), else ``count`` seeded random inputs, made as ``spec`` says."""
     if images:
-        return image_folder(images, loaded.preprocessing)
-    return random_inputs(loaded.preprocessing, count, seed)
+        return image_folder(images, spec)
+    return random_inputs(spec, count, seed)
 
 
 def check_calibration_source(calib: str | Path) -> None:

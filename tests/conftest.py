@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_export.models import LoadedModel, load_model
+from resnet_export.source.models import LoadedModel, load_model
 
 TESTS = Path(__file__).parent
 IMAGES = TESTS / "data" / "images"
@@ -115,7 +115,7 @@ def digits_cpu_int8(digits):
     """The trained digits ResNet's CPU-target INT8 (portable form, 256 calibration images, verified against PyTorch
     on the held-out quarter), built once for the session; a test that edits it works on a copy."""
     from resnet_export.pipeline import PrecisionRequest, precision_from_onnx
-    from resnet_export.runners import TorchRunner
+    from resnet_export.runtime.runners import TorchRunner
 
     return precision_from_onnx(digits.fp32, digits.root / "int8_cpu.onnx",
                                PrecisionRequest("int8", digits.train, "cpu", calib_size=256, val=digits.val),
@@ -144,7 +144,7 @@ def digits_r18(digit_images):
 def double_installed(patch: pytest.MonkeyPatch):
     """The TensorRT double on host memory (tests/trt_double) in place of TensorRT and CUDA, set with ``patch``; on
     leaving, the toolkit's TensorRT logger (made for the double) is dropped."""
-    from resnet_export import trt
+    from resnet_export.engine import tensorrt as trt
 
     from .trt_double import install
 

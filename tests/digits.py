@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from resnet_export.data import image_inputs
-from resnet_export.models import load_model
+from resnet_export.source.models import load_model
 
 FACTORY = str(Path(__file__).parent / "user_models.py") + ":digits_resnet"
 INPUT_SIZE = (32, 32)

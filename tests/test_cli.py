@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from resnet_export.cli import main
 from resnet_export.errors import EXIT_GATE_FAILED, ModelError
-from resnet_export.models import ARCHS, load_model
+from resnet_export.source.models import ARCHS, load_model
 from resnet_export.onnx_graph import read_metadata
 
 from .conftest import IMAGES, USER_MODELS
@@ -161,7 +161,7 @@ def test_serving_an_onnx_on_onnx_runtime_imports_no_torch(resnet18_onnx):
     """What a Ray actor or a predict process of an ONNX does (open it, run a batch) never imports torch: 2.6 s each."""
     code = ("import sys, numpy as np\n"
             "from pathlib import Path\n"
-            "from resnet_export.inference import open_artifact\n"
+            "from resnet_export.deploy.inference import open_artifact\n"
             f"runner, spec, backend = open_artifact(Path({str(resnet18_onnx.path)!r}), 'ort')\n"
             "runner.infer(np.zeros((1, 3, 64, 64), np.float32))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
@@ -220,7 +220,7 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
     """--threads 1: every CPU row keeps at most about one core busy (measured: process CPU time over wall time).
     Fails if a backend ignores the setting and spreads over both cores; a loaded machine can only lower the figure,
     so load never fails it (how many cores two threads keep busy depends on the load: not asserted)."""
-    from .test_bench import intel_cpu
+    from .bench.test_bench import intel_cpu
 
     def rows(threads):
         report = tmp_path / f"threads-{threads}"
@@ -242,7 +242,7 @@ def test_bench_threads_setting_is_honoured_as_measured(tmp_path):
 
 
 def test_time_calls_runs_for_min_time_on_a_fake_clock():
-    from resnet_export.bench import Settings, time_calls
+    from resnet_export.bench.harness import Settings, time_calls
 
     def fake_clock():
         ticks = iter(range(10_000))

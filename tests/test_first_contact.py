@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resnet_export.verify import KERNEL_GATE, RANDOM_WEIGHT_PLAN_GATES, compare, gate_failures
+from resnet_export.checks.verify import KERNEL_GATE, RANDOM_WEIGHT_PLAN_GATES, compare, gate_failures
 
 from .conftest import IMAGES, USER_MODELS
 from .test_cli import assert_one_line_error, run
@@ -32,7 +32,7 @@ def test_trt_without_tensorrt_says_what_is_missing_what_passed_and_how_to_finish
 
 def test_a_request_gates_random_weights_on_fidelity_and_keeps_the_thresholds_asked_for():
     from resnet_export.pipeline import PrecisionRequest
-    from resnet_export.verify import GATES
+    from resnet_export.checks.verify import GATES
 
     assert PrecisionRequest("fp16").gate(random_weights=True) == RANDOM_WEIGHT_PLAN_GATES["fp16"]
     assert PrecisionRequest("fp16").gate() == GATES["fp16"]

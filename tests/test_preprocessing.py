@@ -11,7 +11,7 @@ from PIL import Image
 
 from resnet_export.image_stream import load_image
 from resnet_export.errors import EXIT_GATE_FAILED
-from resnet_export.models import load_model
+from resnet_export.source.models import load_model
 from resnet_export.onnx_graph import META_PREFIX, onnx_preprocessing
 from resnet_export.preprocessing import Preprocessing, stated
 

@@ -1,11 +1,11 @@
-"""A build's timing-cache save, run in spawned processes by the lock test (tests/test_trt.py).
+"""A build's timing-cache save, run in spawned processes by the lock test (tests/engine/test_trt.py).
 
 It lives apart from the test module so that each child imports only ``resnet_export.trt`` (0.1 s), not the test
 module with torch (2 s)."""
 
 import time
 
-from resnet_export.trt import merge_timing_cache
+from resnet_export.engine.build import merge_timing_cache
 
 
 def save_entry(path: str, entry: str, ready) -> None:

@@ -8,7 +8,7 @@ signatures miss. Then pyright checks the GPU modules with those stubs, and once 
 error (a removed flag, a renamed method, a wrong keyword), whatever else pyright says of the code.
 
 Usage: python tools/trt_api_check.py [--stubs-only] CACHE_DIR VERSION...   (`make api-check`)
-Stubs are cached as CACHE_DIR/VERSION/stubs/tensorrt/*.pyi (tests/test_trt_double.py reads them too).
+Stubs are cached as CACHE_DIR/VERSION/stubs/tensorrt/*.pyi (tests/engine/test_trt_double.py reads them too).
 """
 
 from __future__ import annotations

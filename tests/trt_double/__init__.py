@@ -14,7 +14,7 @@ output and a missing ``follow_current`` feeds the engine an input not yet writte
 own host operations run at once, as if on the stream they were issued on. Each buffer remembers the stream
 it was made on (the current one: ``on`` sets it), and each stream the streams it waited for and when: the
 double refuses to run on a buffer its stream neither made nor waited for after it was made (a race on a GPU),
-so a missing ``on`` fails too. The CUDA device's versions of these run only on a GPU (tests/test_device.py).
+so a missing ``on`` fails too. The CUDA device's versions of these run only on a GPU (tests/runtime/test_device.py).
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ class HostDevice:
 def install(monkeypatch, version: str | None = None, device: HostDevice | None = None) -> HostDevice:
     """Make the double ``tensorrt`` (at ``version``, default its own) and ``device`` (default a HostDevice)
     what the toolkit uses, until ``monkeypatch`` undoes it."""
-    from resnet_export import device as devices
-    from resnet_export import trt
+    from resnet_export.runtime import device as devices
+    from resnet_export.engine import tensorrt as trt
 
     device = device or HostDevice()
     monkeypatch.setitem(sys.modules, "tensorrt", double)

@@ -9,7 +9,7 @@ the output at the output address. Streams are the host streams of ``tests/trt_do
 ``HostDevice``: a run enqueued on a stream that is capturing is recorded into the graph instead.
 
 Every class, method, attribute, keyword and enum member here exists in the real bindings of
-TensorRT 10.1, 10.16 and 11.4 (``tests/test_trt_double.py`` holds it against them). Like TensorRT
+TensorRT 10.1, 10.16 and 11.4 (``tests/engine/test_trt_double.py`` holds it against them). Like TensorRT
 11 it has no weak-typing API: no FP16/INT8 builder flags, no calibrators. Its version carries
 ``+double`` so that every manifest and report made with it says so.
 
@@ -152,7 +152,7 @@ class Logger(ILogger):
 
 def _device() -> tuple[str, str]:
     """The device the double builds for and runs on: the toolkit's current one (as TensorRT uses the current CUDA device)."""
-    from resnet_export import device
+    from resnet_export.runtime import device
 
     return device.current().identity()
 
@@ -433,7 +433,7 @@ class ICudaEngine:
         rounding a real engine of its precision adds (``_ROUNDING``), drawn from the input: the same input, the same
         output."""
         if self._session is None:
-            from resnet_export.runners import OrtRunner
+            from resnet_export.runtime.runners import OrtRunner
 
             self._session = OrtRunner(self._onnx)
         out = self._session.session.run(None, {self._session.input_name: batch})[0]
@@ -499,7 +499,7 @@ class IExecutionContext:
         elif set(self._addresses) != set(self._engine._tensors) or not self._shapes:
             problem = "every input shape and every I/O address must be set before enqueueing"
         else:
-            from resnet_export import device
+            from resnet_export.runtime import device
 
             races = [device.current().race(stream, address) for address in
                      [*self._addresses.values(), *([self._memory[0]] if self._memory else [])]]
