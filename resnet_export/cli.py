@@ -459,7 +459,6 @@ def verify_command(artifact, load, seed, images, precision, backend, results, re
         m = recorded["metrics"]
         line += (f"; when made ({describe_cpu(recorded.get('cpu') or {})}): top-1 agreement "
                  f"{m['top1_agreement']:.1%}, min cosine {m['min_cosine']:.7f}")
-    click.echo(line + ": PASS")
     fallen = (v.metrics.get("statistics") or {}).get("classes_fallen_most")
     if fallen:
         click.echo("classes that fell most: " + ", ".join(
@@ -467,6 +466,7 @@ def verify_command(artifact, load, seed, images, precision, backend, results, re
             f"({c['images']} images)" for c in fallen))
     if results:
         click.echo(f"per-image results: {results}; summary: {results.with_suffix('.json')}")
+    click.echo(line + ": PASS")  # the verdict last
 
 
 #: The command line's backend names (as predict, verify and bench spell them) -> Triton's.

@@ -167,7 +167,7 @@ def print_statistics(out, metrics: dict) -> None:
 
 
 def print_layers(out, layers: list[dict] | None, convolutions: dict | None) -> None:
-    """A plan's layers with the precisions they run in (``trt.engine_layers``), and its convolutions by precision."""
+    """A plan's layers with the precisions they run in (``engine.inspector.engine_layers``), and its convolutions by precision."""
     if layers is None:
         out.print("[bold]Layers[/bold]: names only (the plan was built without detailed profiling verbosity); "
                   "rebuild it with `resnet-export trt` to see each layer's precision")

@@ -4,8 +4,8 @@ The one decoder of the toolkit (``read_image``: Pillow, then the model's preproc
 of image folders: verification, calibration, predict, the benchmark's agreement check. Batches are fixed by
 position in the file list and grouped into blocks of ``BLOCK_IMAGES`` (``plan``), so the same files make the same
 batches however they are run (locally, on Ray, resumed). Pillow releases the GIL while it decodes and resizes, so
-threads decode in parallel; at most ``decoders + 1`` blocks are held at once, whatever the number of files. With no
-decoder thread (two cores), each block is decoded in the runners' thread just before it runs.
+threads decode in parallel; at most ``decoders + 1`` blocks are held at once, whatever the number of files. With
+``decoders`` 0, each block is decoded in the runners' thread just before it runs.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import numpy as np
 from .preprocessing import Preprocessing
 
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-#: Decoder threads: the cores the runners leave (they use all but two well), at most four; none on two cores, where
-#: decoding in the runners' thread measured faster (benchmarks/verify_stream.py: resnet50 INT8 on a 2-core Xeon,
-#: 10.8 img/s without a pool, 10.0 with two decoder threads taking turns with PyTorch's intra-op threads).
-DECODERS = max(0, min(4, (os.cpu_count() or 1) - 2))
+#: Decoder threads: two at least (on two cores they measured 1.05x faster than decoding in the runners' thread:
+#: benchmarks/verify_stream.py, resnet50 INT8 on a 2-core Xeon, 9.84 against 9.38 img/s), up to half the cores.
+DECODERS = min(4, max(2, (os.cpu_count() or 1) // 2))
 #: Images of one block: a verification runs the candidate on every batch of a block, then the reference. Two
 #: runtimes taking turns batch by batch fight over the cores (ONNX Runtime's threads spin on after each run):
 #: PyTorch ran a digits ResNet-18 at a fortieth of its speed between ONNX Runtime batches of 8, measured.

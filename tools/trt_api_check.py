@@ -23,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The modules that call TensorRT or the CUDA seam under it.
-MODULES = ["trt.py", "device.py", "device_runners.py", "bench.py", "triton.py", "runners.py", "pipeline.py", "describe.py", "inference.py"]
+MODULES = ["engine/tensorrt.py", "engine/build.py", "engine/runner.py", "engine/inspector.py", "runtime/device.py",
+           "runtime/device_runners.py", "runtime/runners.py", "bench/harness.py", "deploy/triton.py",
+           "deploy/describe.py", "deploy/inference.py", "pipeline/engine.py", "pipeline/artifact.py"]
 
 
 def stubs(cache: Path, version: str) -> Path:

@@ -8,7 +8,7 @@ the matrix still runs.
 Every row says the device it ran on and its clock. Its speed-up divides by PyTorch FP32 on the same
 device (a GPU row by PyTorch on that GPU, a CPU row by PyTorch on the CPU), never by a row of another
 device; ``speedup_vs_best_torch`` divides by the fastest PyTorch row of its device (eager or compiled,
-any precision). Reports are written by ``bench_report``.
+any precision). Reports are written by ``bench.report``.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def precision_unsupported(backend: str, precision: str) -> str | None:
 class Timed:
     """A runner one row times, and how.
 
-    With ``device_clock`` (``device.time`` on the runner's stream) the runner's ``enqueue`` is timed on an
+    With ``device_clock`` (``runtime.device``'s ``time`` on the runner's stream) the runner's ``enqueue`` is timed on an
     input already on the GPU: it queues the work and returns, and the clock's end event, recorded on the same
     stream, marks when the GPU is done. Without, the wall clock times ``infer`` from host memory to host memory.
     """

@@ -47,7 +47,7 @@ class Row:
     streams: int = 1  # runners timed at once, each on its own stream and thread
     tf32: bool | None = None  # FP32 rows on the GPU: whether TF32 was allowed
     note: str | None = None  # what a reader must know of an ok row
-    #: its outputs against PyTorch FP32 under the gate of its precision and weights (``verify.plan_gate``):
+    #: its outputs against PyTorch FP32 under the gate of its precision and weights (``checks.verify.plan_gate``):
     #: "passed", the thresholds missed, or None where not gated
     gate: str | None = None
 

@@ -2,7 +2,7 @@
 
 Each item of the dataset is one block of the local run's plan (``image_stream.plan``: by position in the file
 list), so every actor runs the reference and the candidate on exactly the batches the local run would, and sends
-back the per-image results as the local run writes them (``verify_results.lines``, floats as their exact repr).
+back the per-image results as the local run writes them (``checks.results.lines``, floats as their exact repr).
 The driver merges them by position: the figures are those of the local run on the same images, to the last digit.
 """
 

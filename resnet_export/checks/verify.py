@@ -374,7 +374,7 @@ def verify(
     this CPU (checked on the first ``KERNEL_ROWS`` images). ``described_reference`` says in words what
     ``reference`` is; ``slack`` as for ``gate_failures``.
     ``results`` streams per-image results and holds the batches an interrupted run finished; ``scorer`` scores
-    the batches elsewhere (``verify_ray``), else they are scored here.
+    the batches elsewhere (``checks.on_ray``), else they are scored here.
     """
     expected = reference if isinstance(reference, np.ndarray) else None
     distinct = len(inputs)

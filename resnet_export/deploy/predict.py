@@ -103,7 +103,7 @@ def predict_folder(artifact: str | Path, images: str | Path | list, output: str 
     """Run ``artifact`` on every image under ``images`` (a folder, or a list of image files) and write the ``top_k``
     best classes to ``output``.
 
-    Served = verified (``serving.check_served``): an artifact whose manifest says it failed its gate is refused
+    Served = verified (``checks.serving.check_served``): an artifact whose manifest says it failed its gate is refused
     unless ``allow_failed``.
 
     ``output`` ends in .jsonl (one object per image: path, topk of index, class, score) or .csv

@@ -78,7 +78,7 @@ class TritonRequest:
     labels: Path | None = None
     force: bool = False
     backend: str = "onnxruntime"  # for an ONNX: onnxruntime or openvino
-    allow_failed: bool = False  # serve an artifact whose manifest says it failed its gate (``serving.check_served``)
+    allow_failed: bool = False  # serve an artifact whose manifest says it failed its gate (``checks.serving.check_served``)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -471,7 +471,7 @@ def triton_entry(artifact: str | Path, repo: str | Path, request: TritonRequest 
 
 def _verified_backend(artifact: Path, request: TritonRequest) -> TritonRequest:
     """``request``, served by Triton's onnxruntime backend instead of openvino when OpenVINO was not verified to
-    serve this CPU-target INT8 ONNX on this CPU class (``serving.openvino_verified_here``), with a warning."""
+    serve this CPU-target INT8 ONNX on this CPU class (``checks.serving.openvino_verified_here``), with a warning."""
     from dataclasses import replace
 
     from ..checks.serving import cpu_int8, openvino_verified_here

@@ -129,7 +129,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
 
     ``images`` (a folder) stream through a pool of ``decoders`` threads (``image_stream``), and the per-image results
     to ``results`` (JSON Lines; ``resume`` continues an interrupted run); with ``ray_address`` the batches are
-    scored by ``workers`` Ray actors (``verify_ray``), with the same figures.
+    scored by ``workers`` Ray actors (``checks.on_ray``), with the same figures.
     """
     artifact = Path(artifact)
     if artifact.suffix not in (".onnx", ".plan", ".engine"):

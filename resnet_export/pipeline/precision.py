@@ -30,7 +30,7 @@ class Attempt:
     """One verified conversion: the rest precision (trt INT8), the convs kept out, and how it did.
 
     ``ranges_reused``: it quantized with an earlier attempt's activation ranges (no calibration pass), as its
-    scales show (``precision._check_ranges_applied``).
+    scales show (``quantize.precision._check_ranges_applied``).
     """
 
     rest: str | None
