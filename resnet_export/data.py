@@ -41,16 +41,23 @@ class Batch:
     failures: list[tuple[int, str]] = field(default_factory=list)  # unreadable files: (position, what)
 
 
-def usable_labels(labels: np.ndarray | None, by_order: bool, num_classes: int) -> np.ndarray | None:
-    """``labels``, or None where they cannot be the classes of a ``num_classes`` model (sorted-order labels of
-    another number of folders, or an index past the model's outputs)."""
-    if labels is None or not len(labels) or (by_order and labels.max() + 1 != num_classes):
-        return None
-    return labels if labels.max() < num_classes else None
+class Labelled:
+    """Rows with labels (one per row, or None) and whether they follow the sorted folder order."""
+
+    labels: np.ndarray | None
+    labels_by_order: bool
+
+    def labels_for(self, num_classes: int) -> np.ndarray | None:
+        """The labels, or None where they cannot be the classes of a ``num_classes`` model (sorted-order labels of
+        another number of folders, or an index past the model's outputs)."""
+        labels = self.labels
+        if labels is None or not len(labels) or (self.labels_by_order and labels.max() + 1 != num_classes):
+            return None
+        return labels if labels.max() < num_classes else None
 
 
 @dataclass
-class Inputs:
+class Inputs(Labelled):
     """Preprocessed inputs ``(N, C, H, W)`` float32 held in memory, labels when known, and where they came from.
 
     ``labels_by_order`` marks labels taken from the sorted folder order (the ImageFolder convention),
@@ -64,10 +71,6 @@ class Inputs:
 
     def __len__(self) -> int:
         return len(self.array)
-
-    def labels_for(self, num_classes: int) -> np.ndarray | None:
-        """The labels, or None where they cannot be the classes of a ``num_classes`` model."""
-        return usable_labels(self.labels, self.labels_by_order, num_classes)
 
     def batches(self, blocks: list[tuple[int, tuple[int, ...]]]) -> Iterator[Batch]:
         """The rows of each ``(start, sizes)`` block (``image_stream.plan``)."""
@@ -86,7 +89,7 @@ class Inputs:
 
 
 @dataclass
-class ImageFolder:
+class ImageFolder(Labelled):
     """Images of a folder, decoded batch by batch as they are used (``image_stream``): memory does not grow with
     the number of images. Labels come from the ImageFolder layout when it has one (``class_indices``)."""
 
@@ -125,20 +128,22 @@ class ImageFolder:
         """Every image decoded into memory (for the few images of a check, never a validation set)."""
         return labelled_inputs(self.root, self.paths, self.spec, self.classes)
 
-    def labels_for(self, num_classes: int) -> np.ndarray | None:
-        """The labels, or None where they cannot be the classes of a ``num_classes`` model."""
-        return usable_labels(self.labels, self.labels_by_order, num_classes)
 
-
-def image_folder(directory: str | Path, spec: Preprocessing) -> ImageFolder:
+def image_folder(directory: str | Path, spec: Preprocessing, decoders: int | None = None) -> ImageFolder:
     """The images of ``directory`` (``find_images``) to stream, labelled when it has the ImageFolder layout."""
     root = Path(directory)
     paths, classes = find_images(root)
-    labels, by_order = None, False
-    if classes:
-        index, by_order = class_indices(classes, spec.class_names)
-        labels = np.array([index[p.relative_to(root).parts[0]] for p in paths])
-    return ImageFolder(root, paths, spec, classes, labels, by_order)
+    return ImageFolder(root, paths, spec, classes, *folder_labels(root, paths, classes, spec), decoders)
+
+
+def folder_labels(root: Path, paths: list[Path], classes: list[str] | None,
+                  spec: Preprocessing) -> tuple[np.ndarray | None, bool]:
+    """Each path's label by its class folder under ``root`` (``class_indices``), and whether the sorted order gave
+    them; None without the ImageFolder layout."""
+    if not classes:
+        return None, False
+    index, by_order = class_indices(classes, spec.class_names)
+    return np.array([index[p.relative_to(root).parts[0]] for p in paths]), by_order
 
 
 def find_images(directory: str | Path) -> tuple[list[Path], list[str] | None]:
@@ -226,10 +231,7 @@ def labelled_inputs(root: Path, paths: list[Path], spec: Preprocessing, classes:
                     what: str = "Decoding images") -> Inputs:
     """Decode ``paths`` (images under ``root``) into Inputs, labelled when ``classes`` is known."""
     array, kept = decode_images(paths, spec, what)
-    labels, by_order = None, False
-    if classes:
-        index, by_order = class_indices(classes, spec.class_names)
-        labels = np.array([index[p.relative_to(root).parts[0]] for p in kept])
+    labels, by_order = folder_labels(root, kept, classes, spec)
     return Inputs(array, labels, f"{len(kept)} images from {root}", by_order)
 
 

@@ -146,8 +146,9 @@ class Verification:
         )
         if "accuracy_candidate" in m:
             text += f", accuracy {m['accuracy_candidate']:.1%} (reference {m['accuracy_reference']:.1%})"
-        if m.get("samples", 0) > 1 and describe_statistics(m):
-            text += f"; {describe_statistics(m)}"
+        statistics = describe_statistics(m) if m.get("samples", 0) > 1 else ""
+        if statistics:
+            text += f"; {statistics}"
         if self.gate.min_centered_cosine is not None and m.get("min_centered_cosine") is None:
             text += "; rows not told apart (one distinct input: a wrong binding would pass)"
         if self.gate == RANDOM_WEIGHT_PLAN_GATES["int8"]:

@@ -150,9 +150,7 @@ def verify_artifact(artifact: str | Path, loaded: LoadedModel | None, *, images:
     else:
         spec = artifact_preprocessing(artifact, loaded)
         _check_input_shape(artifact, candidate, spec)
-        inputs = image_folder(images, spec) if images else random_inputs(spec, 8, seed)
-        if decoders is not None and images:
-            inputs.decoders = decoders
+        inputs = image_folder(images, spec, decoders) if images else random_inputs(spec, 8, seed)
         reference, described = TorchRunner(loaded.module), f"{PYTORCH} on {inputs.description}"
     exact = OrtRunner(artifact, exact=True) if isinstance(candidate, OrtRunner) and precision == "int8" else None
     gate, sizes, slack = plan_gate(precision, onnx_path.is_file() and weights_random(onnx_path)), None, 0
